@@ -1,0 +1,24 @@
+"""jaxdtd: deep Taylor decomposition and layer-wise relevance propagation as a JAX transformation.
+
+``transform(fn, composite)`` returns ``fn`` with the same forward values whose VJP is relevance
+propagation (Montavon et al., "Explaining NonLinear Classification Decisions with Deep Taylor
+Decomposition", Pattern Recognition 2017), so ``jax.grad`` of a class score is its heatmap.
+"""
+
+from . import composites, rules
+from .api import explain, from_nnx, trace_plan, transform
+from .composites import Composite
+from .errors import UnsupportedOperationError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Composite",
+    "UnsupportedOperationError",
+    "composites",
+    "explain",
+    "from_nnx",
+    "rules",
+    "trace_plan",
+    "transform",
+]

@@ -1,0 +1,340 @@
+"""Analysis of a flattened program: data flow, non-negativity and affine layers.
+
+* **Data**: a floating-point value that depends on the explained input through differentiable
+  operations (``stop_gradient`` cuts the dependence; booleans and integers never carry relevance).
+  Everything else is a constant for the rules (weights, statistics, masks).
+* **Non-negative**: data values that are provably ``>= 0`` (outputs of ReLU, ReLU6, clipping at a
+  non-negative bound, pooling or reshaping of non-negative values, ...).  Rules skip their ``x-``
+  branches on such inputs.
+* **Affine layers**: each ``dot_general`` / ``conv_general_dilated`` with one data and one constant
+  operand, grouped with the single-use chain of constant-operand ops after it (bias add, BatchNorm's
+  subtract/scale/shift) into ``z = A(x) + b``.  Per-output-channel scales are folded into the kernel
+  so that the rules see the folded weights (rules.md, BatchNorm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .trace import Constant, Equation, Program
+
+__all__ = ["AffineLayer", "Analysis", "ChainOp", "analyse"]
+
+LINEAR_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
+
+#: Operations through which non-negativity is preserved when all data operands are non-negative.
+_KEEPS_SIGN = {
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
+    "rev", "copy", "copy_p", "convert_element_type", "reduce_max", "reduce_min", "reduce_window_max",
+    "reduce_window_min", "reduce_sum", "reduce_window_sum", "concatenate", "select_n", "add",
+    "add_any", "sharding_constraint", "reduce_precision", "split",
+}
+#: Operations whose result is non-negative whatever their input.
+_NON_NEGATIVE_RESULT = {"abs", "exp", "logistic", "sqrt", "rsqrt"}
+#: Unary operations followed when looking for the argument leaf a weight comes from.
+_WEIGHT_VIEWS = {"convert_element_type", "reshape", "transpose", "copy", "squeeze", "expand_dims"}
+
+
+def is_float(aval: Any) -> bool:
+    return jnp.issubdtype(getattr(aval, "dtype", np.int32), jnp.inexact)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainOp:
+    """A constant-operand op after a linear primitive: ``z <- z (op) const``."""
+
+    equation: Equation
+    op: str  # "add", "sub", "mul" or "div"
+    const_position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineLayer:
+    """An affine layer ``z = A(x; kernel) + bias`` discovered in the program."""
+
+    index: int
+    kind: str  # "dense" or "conv"
+    linear: Equation
+    data_position: int
+    chain: tuple[ChainOp, ...]
+    input: int
+    output: int
+    module_path: str
+    param_path: str
+    first: bool
+    non_negative_input: bool
+
+    @property
+    def kernel_atom(self) -> Any:
+        return self.linear.invars[1 - self.data_position]
+
+    @property
+    def last_equation(self) -> Equation:
+        return self.chain[-1].equation if self.chain else self.linear
+
+    @property
+    def folds_scale(self) -> bool:
+        return any(op.op in ("mul", "div") for op in self.chain)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.linear.in_avals[self.data_position].shape)
+
+    def scale_kernel(self, kernel: Any, scale: Any) -> Any:
+        """``kernel * scale`` where ``scale`` (broadcastable to the output) varies only along the
+        output features: folds a per-output-channel factor into the weights."""
+        out_shape = self.linear.out_avals[0].shape
+        scale = jnp.asarray(scale)
+        scale = jnp.reshape(scale, (1,) * (len(out_shape) - scale.ndim) + scale.shape)
+        scale = jnp.broadcast_to(scale, tuple(
+            out_shape[d] if d in _output_feature_dims(self.linear, self.data_position) else 1
+            for d in range(len(out_shape))
+        ))
+        features = _output_feature_dims(self.linear, self.data_position)
+        vector = jnp.reshape(scale, tuple(out_shape[d] for d in features))
+        kernel_dims = _kernel_feature_dims(self.linear, self.data_position)
+        shape = [1] * kernel.ndim
+        for d, size in zip(kernel_dims, vector.shape):
+            shape[d] = size
+        return kernel * jnp.reshape(vector, shape).astype(kernel.dtype)
+
+
+def _output_feature_dims(eqn: Equation, data_position: int) -> tuple[int, ...]:
+    """Output dimensions indexed by the kernel's output features."""
+    if eqn.name == "conv_general_dilated":
+        return (eqn.params["dimension_numbers"].out_spec[1],)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs_rank = len(eqn.in_avals[0].shape)
+    rhs_rank = len(eqn.in_avals[1].shape)
+    n_batch = len(lb)
+    n_lhs_free = lhs_rank - len(lc) - len(lb)
+    n_rhs_free = rhs_rank - len(rc) - len(rb)
+    if data_position == 0:  # kernel is rhs: its free dims come last
+        return tuple(range(n_batch + n_lhs_free, n_batch + n_lhs_free + n_rhs_free))
+    return tuple(range(n_batch, n_batch + n_lhs_free))
+
+
+def _kernel_feature_dims(eqn: Equation, data_position: int) -> tuple[int, ...]:
+    if eqn.name == "conv_general_dilated":
+        return (eqn.params["dimension_numbers"].rhs_spec[0],)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contracting, batch = (rc, rb) if data_position == 0 else (lc, lb)
+    rank = len(eqn.in_avals[1 - data_position].shape)
+    return tuple(d for d in range(rank) if d not in contracting and d not in batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """What :func:`analyse` found: data values, non-negative values and affine layers."""
+
+    data: frozenset[int]
+    non_negative: frozenset[int]
+    layers: tuple[AffineLayer, ...]
+    absorbed: frozenset[int]  # equation indices evaluated as part of a layer (not the last one)
+    layer_at: dict[int, AffineLayer]  # last equation index -> layer
+    avals: dict[int, Any]
+
+
+def _static_value(atom: Any, known: dict[int, Any]) -> Any:
+    if isinstance(atom, Constant):
+        return np.asarray(atom.value)
+    return known.get(atom)
+
+
+def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -> Analysis:
+    """Analyse ``program`` where the invars in ``explained`` carry the input to explain."""
+    avals: dict[int, Any] = dict(zip(program.invars, program.in_avals))
+    for eqn in program.equations:
+        avals.update(zip(eqn.outvars, eqn.out_avals))
+
+    data = {v for v in explained if is_float(avals[v])}
+    non_negative: set[int] = set()
+    known: dict[int, Any] = {}
+    producer: dict[int, Equation] = {}
+    uses: Counter = Counter()
+    for eqn in program.equations:
+        for atom in eqn.invars:
+            if not isinstance(atom, Constant):
+                uses[atom] += 1
+    for atom in program.outvars:
+        if not isinstance(atom, Constant):
+            uses[atom] += 1
+
+    def is_data(atom: Any) -> bool:
+        return not isinstance(atom, Constant) and atom in data
+
+    def known_sign_ok(atom: Any) -> bool:
+        if is_data(atom):
+            return atom in non_negative
+        value = _static_value(atom, known)
+        return value is not None and bool(np.all(value >= 0))
+
+    for eqn in program.equations:
+        for v in eqn.outvars:
+            producer[v] = eqn
+        has_data = any(is_data(a) for a in eqn.invars)
+        if not has_data:
+            if all(isinstance(a, Constant) or a in known for a in eqn.invars) and all(
+                np.size(_static_value(a, known)) <= 64 for a in eqn.invars
+            ) and not eqn.primitive.multiple_results and np.prod(eqn.out_avals[0].shape) <= 64:
+                try:
+                    values = [_static_value(a, known) for a in eqn.invars]
+                    with jax.ensure_compile_time_eval():
+                        value = eqn.primitive.bind(*values, **eqn.params)
+                    known[eqn.outvars[0]] = np.asarray(value)
+                except Exception:  # noqa: BLE001 - best-effort constant folding only
+                    pass
+            continue
+        if eqn.name == "stop_gradient":
+            continue
+        for v, aval in zip(eqn.outvars, eqn.out_avals):
+            if is_float(aval):
+                data.add(v)
+        name = eqn.name
+        operands = eqn.invars
+        if name == "max":
+            sign = any(known_sign_ok(a) for a in operands)
+        elif name == "min":
+            sign = all(known_sign_ok(a) for a in operands)
+        elif name == "clamp":
+            sign = known_sign_ok(operands[0]) or known_sign_ok(operands[1])
+        elif name in _NON_NEGATIVE_RESULT:
+            sign = True
+        elif name == "pad":
+            sign = known_sign_ok(operands[0]) and known_sign_ok(operands[1])
+        elif name in ("mul", "div"):
+            sign = all(known_sign_ok(a) for a in operands)
+        elif name in _KEEPS_SIGN:
+            sign = all(known_sign_ok(a) for a in operands if is_data(a) or name != "select_n")
+            if name == "select_n":
+                sign = all(known_sign_ok(a) for a in operands[1:])
+        else:
+            sign = False
+        if sign:
+            non_negative.update(eqn.outvars)
+
+    layers, absorbed, layer_at = _find_layers(program, data, non_negative, uses, producer, leaf_names)
+    return Analysis(
+        data=frozenset(data),
+        non_negative=frozenset(non_negative),
+        layers=layers,
+        absorbed=frozenset(absorbed),
+        layer_at=layer_at,
+        avals=avals,
+    )
+
+
+def _consumers(program: Program) -> dict[int, list[Equation]]:
+    consumers: dict[int, list[Equation]] = {}
+    for eqn in program.equations:
+        for atom in eqn.invars:
+            if not isinstance(atom, Constant):
+                consumers.setdefault(atom, []).append(eqn)
+    return consumers
+
+
+def _chain_op(eqn: Equation, current: int, data: set[int]) -> ChainOp | None:
+    """``eqn`` as a constant-operand op applied to ``current``, or None if it is not one."""
+    if eqn.name not in ("add", "sub", "mul", "div") or len(eqn.invars) != 2:
+        return None
+    a, b = eqn.invars
+    if a == current and (isinstance(b, Constant) or b not in data):
+        position = 1
+    elif b == current and (isinstance(a, Constant) or a not in data) and eqn.name in ("add", "mul"):
+        position = 0
+    else:
+        return None
+    data_aval = eqn.in_avals[1 - position]
+    if tuple(data_aval.shape) != tuple(eqn.out_avals[0].shape) or data_aval.dtype != eqn.out_avals[0].dtype:
+        return None
+    return ChainOp(eqn, eqn.name, position)
+
+
+def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[int, ...]) -> bool:
+    out_shape = linear.out_avals[0].shape
+    if len(const_shape) > len(out_shape):
+        return False
+    padded = (1,) * (len(out_shape) - len(const_shape)) + tuple(const_shape)
+    features = _output_feature_dims(linear, data_position)
+    return all(size == 1 or d in features for d, size in enumerate(padded))
+
+
+def _find_layers(program, data, non_negative, uses, producer, leaf_names):
+    consumers = _consumers(program)
+    layers: list[AffineLayer] = []
+    absorbed: set[int] = set()
+    layer_at: dict[int, AffineLayer] = {}
+    after_layer: set[int] = set()  # data values downstream of some affine layer
+    for eqn in program.equations:
+        if eqn.index in absorbed:
+            continue
+        data_in = [i for i, a in enumerate(eqn.invars) if not isinstance(a, Constant) and a in data]
+        if eqn.name in LINEAR_PRIMITIVES and len(data_in) == 1 and len(eqn.invars) == 2:
+            if eqn.name == "conv_general_dilated" and (
+                data_in[0] != 0 or eqn.params.get("batch_group_count", 1) != 1
+            ):
+                _propagate(eqn, data, after_layer)
+                continue
+            data_position = data_in[0]
+            chain: list[ChainOp] = []
+            current = eqn.outvars[0]
+            while uses[current] == 1 and len(consumers.get(current, [])) == 1:
+                nxt = consumers[current][0]
+                op = _chain_op(nxt, current, data)
+                if op is None:
+                    break
+                if op.op in ("mul", "div"):
+                    const_shape = nxt.in_avals[op.const_position].shape
+                    if not _scale_is_foldable(eqn, data_position, const_shape):
+                        break
+                chain.append(op)
+                current = nxt.outvars[0]
+            x = eqn.invars[data_position]
+            layer = AffineLayer(
+                index=len(layers),
+                kind=LINEAR_PRIMITIVES[eqn.name],
+                linear=eqn,
+                data_position=data_position,
+                chain=tuple(chain),
+                input=x,
+                output=current,
+                module_path=eqn.name_stack,
+                param_path=_param_path(eqn.invars[1 - data_position], producer, leaf_names),
+                first=x not in after_layer,
+                non_negative_input=x in non_negative,
+            )
+            layers.append(layer)
+            for op in chain[:-1]:
+                absorbed.add(op.equation.index)
+            if chain:
+                absorbed.add(eqn.index)
+            layer_at[layer.last_equation.index] = layer
+            after_layer.add(current)
+            for op in chain:
+                after_layer.update(op.equation.outvars)
+            after_layer.update(eqn.outvars)
+            continue
+        _propagate(eqn, data, after_layer)
+    return tuple(layers), absorbed, layer_at
+
+
+def _propagate(eqn: Equation, data: set[int], after_layer: set[int]) -> None:
+    if any(not isinstance(a, Constant) and a in after_layer for a in eqn.invars):
+        after_layer.update(v for v in eqn.outvars if v in data)
+
+
+def _param_path(atom: Any, producer: dict[int, Equation], leaf_names: dict[int, str]) -> str:
+    while not isinstance(atom, Constant):
+        if atom in leaf_names:
+            return leaf_names[atom]
+        eqn = producer.get(atom)
+        if eqn is None or eqn.name not in _WEIGHT_VIEWS:
+            return ""
+        atom = eqn.invars[0]
+    return ""

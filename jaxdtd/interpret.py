@@ -1,0 +1,375 @@
+"""The interpreter: evaluate a flattened program with relevance rules as VJPs.
+
+Forward values are computed by binding the very same primitives with the same parameters, so they
+equal the original function's.  Every affine layer is wrapped in a :func:`jax.custom_vjp` whose
+backward pass is its rule (:func:`jaxdtd.rules.affine_relevance`); parameter-free operations on data
+are looked up in :data:`OPERATIONS`, a table ``primitive name -> classifier`` that says which rule
+(:class:`~jaxdtd.rules.Gradient`, :class:`~jaxdtd.rules.Pass`, :class:`~jaxdtd.rules.Norm`) applies,
+or raises :class:`~jaxdtd.UnsupportedOperationError`.  Nothing falls back silently to the gradient
+of a nonlinearity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import rules as R
+from .composites import Composite
+from .errors import UnsupportedOperationError
+from .graph import AffineLayer, Analysis
+from .trace import Constant, Equation, Program, source_line
+
+__all__ = ["OPERATIONS", "Plan", "evaluate", "plan"]
+
+Classifier = Callable[[Equation, Sequence[bool]], R.Rule]
+
+_GRADIENT = R.Gradient()
+_PASS = R.Pass()
+_NORM = R.Norm()
+
+STRUCTURAL = (
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "concatenate", "slice",
+    "dynamic_slice", "pad", "convert_element_type", "copy", "copy_p", "rev", "select_n",
+    "reduce_precision", "sharding_constraint", "split", "optimization_barrier",
+    # max pooling and friends: winner takes all (gradient), rules.md
+    "reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "argmax", "argmin",
+    # comparisons produce booleans that carry no relevance
+    "eq", "ne", "gt", "ge", "lt", "le",
+)
+
+
+def _always(rule: R.Rule) -> Classifier:
+    return lambda eqn, data: rule
+
+
+def _unsupported(reason: str) -> Classifier:
+    def classify(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+        raise UnsupportedOperationError(eqn.name, eqn.name_stack, source_line(eqn.source_info), reason)
+
+    return classify
+
+
+def _pass_if_one_data_operand(reason: str) -> Classifier:
+    """Elementwise op with constants (ReLU = max(x, 0), clipping, x * c): Pass; else ``reason``."""
+
+    def classify(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+        if sum(data) == 1:
+            return _PASS
+        raise UnsupportedOperationError(eqn.name, eqn.name_stack, source_line(eqn.source_info), reason)
+
+    return classify
+
+
+def _extremum(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+    # max(x, 0) is a ReLU (Pass); max of two data values routes relevance like max pooling
+    return _PASS if sum(data) == 1 else _GRADIENT
+
+
+def _clamp(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+    return _PASS if list(data) == [False, True, False] else _GRADIENT
+
+
+def _sum_or_shift(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+    # the add of two data values (residual) is Norm; a shift by a constant passes relevance
+    return _NORM if sum(data) > 1 else _PASS
+
+
+def _divide(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+    if list(data) == [True, False]:
+        return _PASS
+    raise UnsupportedOperationError(
+        "div", eqn.name_stack, source_line(eqn.source_info), "division by a data-dependent value"
+    )
+
+
+def _linear_of_data(eqn: Equation, data: Sequence[bool]) -> R.Rule:
+    if all(data):
+        reason = "both operands depend on the explained input (e.g. attention); no LRP rule is defined"
+    else:
+        reason = "a convolution whose kernel, not its input, is the explained data"
+    raise UnsupportedOperationError(eqn.name, eqn.name_stack, source_line(eqn.source_info), reason)
+
+
+OPERATIONS: dict[str, Classifier] = {
+    **{name: _always(_GRADIENT) for name in STRUCTURAL},
+    "max": _extremum,
+    "min": _extremum,
+    "clamp": _clamp,
+    "tanh": _always(_PASS),
+    "logistic": _always(_PASS),
+    "neg": _always(_PASS),
+    "add": _sum_or_shift,
+    "add_any": _sum_or_shift,
+    "sub": _sum_or_shift,
+    "mul": _pass_if_one_data_operand("product of two data-dependent values"),
+    "div": _divide,
+    "reduce_sum": _always(_NORM),
+    "reduce_window_sum": _always(_NORM),
+    "dot_general": _linear_of_data,
+    "conv_general_dilated": _linear_of_data,
+    "cond": _unsupported("data-dependent control flow; compute both branches and select instead"),
+    "while": _unsupported("data-dependent loop"),
+    "scan": _unsupported("loop over data; unroll it"),
+    "gather": _unsupported("data-dependent gather"),
+    "scatter": _unsupported("scatter of data"),
+    "scatter-add": _unsupported("scatter of data"),
+    "scatter_add": _unsupported("scatter of data"),
+    "sort": _unsupported("sort of data"),
+}
+
+
+# --- plans -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """How one equation is evaluated: ``kind`` is "const", "skip", "layer" or "operation"."""
+
+    kind: str
+    equation: Equation
+    rule: R.Rule | None = None
+    layer: AffineLayer | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything needed to evaluate a traced function with relevance rules."""
+
+    program: Program
+    analysis: Analysis
+    steps: tuple[Step, ...]
+    layer_rules: tuple[tuple[AffineLayer, R.Rule | None, str], ...]
+    out_tree: Any = None
+
+
+def plan(program: Program, analysis: Analysis, composite: Composite) -> Plan:
+    """Decide a rule for every layer and every operation on data; raise for unsupported ones."""
+    steps: list[Step] = []
+    layer_rules = []
+    for layer in analysis.layers:
+        rule, why = composite.rule_for(layer)
+        if isinstance(rule, R.Norm):
+            rule = R.Epsilon(rule.stabilizer)
+        if isinstance(rule, R.AffineRule):
+            rule.validate_input(layer.input_shape, f"layer '{layer.module_path}' ({layer.param_path})")
+        layer_rules.append((layer, rule, why))
+    rule_of = {id(layer): rule for layer, rule, _ in layer_rules}
+    for eqn in program.equations:
+        if eqn.index in analysis.absorbed:
+            steps.append(Step("skip", eqn))
+            continue
+        layer = analysis.layer_at.get(eqn.index)
+        if layer is not None:
+            steps.append(Step("layer", eqn, rule_of[id(layer)], layer))
+            continue
+        data = [not isinstance(a, Constant) and a in analysis.data for a in eqn.invars]
+        if not any(data) or eqn.name == "stop_gradient":
+            steps.append(Step("const", eqn))
+            continue
+        rule = composite.operation_rule(eqn.name)
+        if rule is None:
+            classify = OPERATIONS.get(eqn.name)
+            if classify is None:
+                raise UnsupportedOperationError(
+                    eqn.name, eqn.name_stack, source_line(eqn.source_info), "unknown operation"
+                )
+            rule = classify(eqn, data)
+        if isinstance(rule, R.Pass) and sum(data) != 1:
+            raise UnsupportedOperationError(
+                eqn.name, eqn.name_stack, source_line(eqn.source_info),
+                "Pass() needs exactly one data operand",
+            )
+        steps.append(Step("operation", eqn, rule))
+    return Plan(program, analysis, tuple(steps), tuple(layer_rules))
+
+
+# --- evaluation --------------------------------------------------------------------------------
+def _bind(eqn: Equation, values: Sequence[Any]) -> list[Any]:
+    out = eqn.primitive.bind(*values, **eqn.params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _zero_cotangent(value: Any) -> Any:
+    value = jnp.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.inexact):
+        return jnp.zeros_like(value)
+    return np.zeros(value.shape, dtype=jax.dtypes.float0)
+
+
+def _sum_to_shape(r: Any, shape: tuple[int, ...]) -> Any:
+    """Relevance of a broadcast operand: sum over the broadcast dimensions."""
+    if r.shape == tuple(shape):
+        return r
+    lead = r.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, size in enumerate(shape) if size == 1 and r.shape[lead + i] != 1
+    )
+    return jnp.sum(r, axis=axes).reshape(shape)
+
+
+def _operation(eqn: Equation, rule: R.Rule, values: list[Any], data: list[bool]) -> list[Any]:
+    if isinstance(rule, R.Gradient):
+        return _bind(eqn, values)
+    positions = [i for i, d in enumerate(data) if d]
+
+    def forward(data_values, others):
+        merged = list(others)
+        for i, v in zip(positions, data_values):
+            merged[i] = v
+        return _bind(eqn, merged)[0]
+
+    @jax.custom_vjp
+    def apply(data_values, others):
+        return forward(data_values, others)
+
+    def apply_fwd(data_values, others):
+        out = forward(data_values, others)
+        return out, (data_values, others, out)
+
+    def apply_bwd(residuals, relevance):
+        data_values, others, out = residuals
+        zeros = jax.tree_util.tree_map(_zero_cotangent, others)
+        if isinstance(rule, R.Pass):
+            (x,) = data_values
+            return ((_sum_to_shape(relevance, x.shape).astype(x.dtype),), zeros)
+        # Norm: R_i = x_i * (df/dx_i)^T (R / stab(f(x)))
+        compute = jnp.promote_types(relevance.dtype, jnp.float32)
+        s = R.safe_divide(relevance.astype(compute), R.stabilize(out.astype(compute), rule.stabilizer))
+        _, pullback = jax.vjp(lambda *d: forward(d, others), *data_values)
+        grads = pullback(s.astype(out.dtype))
+        return (tuple((x * g).astype(x.dtype) for x, g in zip(data_values, grads)), zeros)
+
+    apply.defvjp(apply_fwd, apply_bwd)
+    others = [None if d else v for v, d in zip(values, data)]
+    others = [jnp.asarray(v) if v is not None else None for v in others]
+    return [apply(tuple(values[i] for i in positions), others)]
+
+
+def _fold(layer: AffineLayer, kernel: Any, chain_values: Sequence[Any]) -> tuple[Any, Any]:
+    """The folded kernel and bias of ``layer``: ``z = A(x; kernel) + bias``."""
+    scale = bias = None
+    for op, c in zip(layer.chain, chain_values):
+        if op.op == "add":
+            bias = c if bias is None else bias + c
+        elif op.op == "sub":
+            bias = -c if bias is None else bias - c
+        elif op.op == "mul":
+            scale = c if scale is None else scale * c
+            bias = None if bias is None else bias * c
+        else:  # div
+            scale = 1.0 / c if scale is None else scale / c
+            bias = None if bias is None else bias / c
+    if scale is not None:
+        kernel = layer.scale_kernel(kernel, scale)
+    return kernel, bias
+
+
+def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_values: list[Any]) -> Any:
+    linear = layer.linear
+    position = layer.data_position
+
+    def bind_linear(v, w):
+        operands = [None, None]
+        operands[position], operands[1 - position] = v, w
+        return _bind(linear, operands)[0]
+
+    def forward(x, kernel, chain_values):
+        z = bind_linear(x, kernel)
+        for op, c in zip(layer.chain, chain_values):
+            operands = [None, None]
+            operands[1 - op.const_position], operands[op.const_position] = z, c
+            z = _bind(op.equation, operands)[0]
+        return z
+
+    @jax.custom_vjp
+    def apply(x, kernel, chain_values):
+        return forward(x, kernel, chain_values)
+
+    def apply_fwd(x, kernel, chain_values):
+        out = forward(x, kernel, chain_values)
+        return out, (x, kernel, chain_values, out)
+
+    def apply_bwd(residuals, relevance):
+        x, kernel, chain_values, out = residuals
+        folded_kernel, bias = _fold(layer, kernel, chain_values)
+        r_in = R.affine_relevance(
+            rule, bind_linear, x, folded_kernel, bias, out, relevance,
+            non_negative_input=layer.non_negative_input,
+        )
+        return (
+            r_in,
+            _zero_cotangent(kernel),
+            [_zero_cotangent(c) for c in chain_values],
+        )
+
+    apply.defvjp(apply_fwd, apply_bwd)
+    return apply(x, kernel, chain_values)
+
+
+@jax.custom_vjp
+def initial_relevance(y: Any) -> Any:
+    """Identity forward; its VJP turns the cotangent ``ct`` into the initial relevance ``y * ct``."""
+    return y
+
+
+def _initial_fwd(y):
+    return y, y
+
+
+def _initial_bwd(y, ct):
+    return (y * ct,)
+
+
+initial_relevance.defvjp(_initial_fwd, _initial_bwd)
+
+
+def evaluate(the_plan: Plan, leaves: Sequence[Any]) -> list[Any]:
+    """Evaluate the plan on the flat argument leaves; returns the flat outputs."""
+    program, analysis = the_plan.program, the_plan.analysis
+    env: dict[int, Any] = dict(zip(program.invars, leaves))
+
+    def read(atom: Any) -> Any:
+        return atom.value if isinstance(atom, Constant) else env[atom]
+
+    for step in the_plan.steps:
+        eqn = step.equation
+        if step.kind == "skip":
+            continue
+        if step.kind == "const":
+            outs = _bind(eqn, [read(a) for a in eqn.invars])
+        elif step.kind == "layer":
+            layer = step.layer
+            if not isinstance(step.rule, R.AffineRule):  # Gradient / no rule: ordinary evaluation
+                z = _bind(layer.linear, _operands(layer.linear, layer.data_position, read(layer.input), read))[0]
+                for op in layer.chain:
+                    z = _bind(op.equation, _operands(op.equation, 1 - op.const_position, z, read))[0]
+                outs = [z]
+            else:
+                x = read(layer.input)
+                kernel = jnp.asarray(read(layer.kernel_atom))
+                chain_values = [
+                    jnp.asarray(read(op.equation.invars[op.const_position])) for op in layer.chain
+                ]
+                outs = [_affine(layer, step.rule, x, kernel, chain_values)]
+        else:
+            data = [not isinstance(a, Constant) and a in analysis.data for a in eqn.invars]
+            outs = _operation(eqn, step.rule, [read(a) for a in eqn.invars], data)
+        env.update(zip(eqn.outvars, outs))
+
+    results = []
+    for atom, aval in zip(program.outvars, program.out_avals):
+        value = read(atom)
+        if not isinstance(atom, Constant) and atom in analysis.data:
+            value = initial_relevance(value)
+        results.append(value)
+    return results
+
+
+def _operands(eqn: Equation, data_position: int, value: Any, read: Callable) -> list[Any]:
+    operands = [read(a) if i != data_position else None for i, a in enumerate(eqn.invars)]
+    operands[data_position] = value
+    return operands

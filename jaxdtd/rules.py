@@ -1,0 +1,432 @@
+"""Relevance rules: frozen dataclasses that state *what* a rule modifies; the math is generic.
+
+Every rule for an affine layer ``z_j = sum_i x_i w_ij + b_j`` (dense or convolution, with any
+BatchNorm already folded in) is a list of :class:`Branch` es.  Branch ``k`` modifies the input, the
+weights and the bias; :func:`affine_relevance` then computes (zennit's ``BasicHook`` algebra,
+Montavon et al. 2017, Sec. 4-5)::
+
+    z_k   = A(x_k; w_k) + b_k                       # modified forward of branch k
+    zhat_g = sum_{k in group g} sign_k z_k          # one denominator per group
+    s_g   = mask_g * R / stab(zhat_g)               # stab(z) = z + eps * sgn(z), sgn(0) = +1
+    R_in  = sum_k coefficient_k * x_k * A^T(s_{g(k)}; w_k)
+
+where ``A^T`` is the transposed linear map (the VJP of the layer with weights ``w_k``).  The
+notation and each rule's formula are in ``shared/reference/rules.md``; the semantics are those of
+zennit 1.0.  Branches whose input is ``x- = min(x, 0)`` are skipped when the layer input is provably
+non-negative (it comes out of a ReLU): that is the main saving over zennit.
+
+Parameter-free operations get :class:`Pass`, :class:`Norm` or :class:`Gradient`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "AffineRule",
+    "AlphaBeta",
+    "Branch",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "Gradient",
+    "Norm",
+    "Pass",
+    "Rule",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "affine_relevance",
+    "safe_divide",
+    "stabilize",
+]
+
+Array = Any
+
+
+# --- modifiers: small pure functions so that rules read like their formulas -------------------
+def identity(a: Array) -> Array:
+    return a
+
+
+def positive(a: Array) -> Array:
+    """``a+ = max(a, 0)``."""
+    return jnp.maximum(a, 0)
+
+
+def negative(a: Array) -> Array:
+    """``a- = min(a, 0)``."""
+    return jnp.minimum(a, 0)
+
+
+def ones(a: Array) -> Array:
+    return jnp.ones_like(a)
+
+
+def square(a: Array) -> Array:
+    return a * a
+
+
+def gamma_modifier(a: Array, *, gamma: float, part: Callable[[Array], Array]) -> Array:
+    """``a + gamma * part(a)`` with ``part`` one of :func:`positive`, :func:`negative`."""
+    return a + gamma * part(a)
+
+
+def broadcast_bound(x: Array, *, bound: Array) -> Array:
+    """A ZBox bound broadcast to the (batched) layer input, in the input's dtype."""
+    return jnp.broadcast_to(jnp.asarray(bound, dtype=x.dtype), x.shape)
+
+
+# --- numerics -----------------------------------------------------------------------------------
+def stabilize(z: Array, epsilon: float) -> Array:
+    """``stab(z) = z + epsilon * sgn(z)`` with ``sgn(0) = +1`` (zennit's ``Stabilizer``)."""
+    return z + epsilon * jnp.where(z >= 0, 1, -1).astype(z.dtype)
+
+
+def safe_divide(numerator: Array, denominator: Array) -> Array:
+    """``numerator / denominator`` that is 0 (never NaN or inf) where the denominator is 0."""
+    zero = denominator == 0
+    return jnp.where(zero, 0, numerator / jnp.where(zero, 1, denominator))
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    """Denominators are formed in at least float32 (bf16/fp16 relevance would lose conservation)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# --- rule types -----------------------------------------------------------------------------------
+class Rule:
+    """Base class of every rule.  Rules are frozen dataclasses holding hyper-parameters only."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One modified copy of an affine layer (see the module docstring).
+
+    ``bias=None`` drops the bias in this branch.  ``negative_input`` marks branches that vanish
+    when the layer input is non-negative (their input modifier is ``x-``).
+    """
+
+    input: Callable[[Array], Array]
+    weight: Callable[[Array], Array]
+    bias: Callable[[Array], Array] | None
+    group: int = 0
+    sign: float = 1.0
+    coefficient: float = 1.0
+    negative_input: bool = False
+
+    @property
+    def reproduces_forward(self) -> bool:
+        """True when ``z_k`` equals the layer's own output, so the forward need not be recomputed."""
+        return self.input is identity and self.weight is identity and self.bias is identity
+
+
+class AffineRule(Rule):
+    """A rule for dense and convolution layers: subclasses declare :meth:`branches`."""
+
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def branches(self) -> tuple[Branch, ...]:
+        raise NotImplementedError
+
+    def masks(self, output: Array) -> Sequence[Array] | None:
+        """Optional per-group masks on the layer's original output ``z`` (used by :class:`Gamma`)."""
+        return None
+
+    def validate_input(self, shape: tuple[int, ...], where: str) -> None:
+        """Raise a clear error if the rule cannot act on a layer input of this shape."""
+
+    @property
+    def epsilon(self) -> float:  # noqa: D401 - the stabilizer of the denominators
+        return self.stabilizer
+
+
+def _check_non_negative(rule: str, **values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{rule}: {name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{rule}: {name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Epsilon(AffineRule):
+    """LRP-epsilon: ``R_i = x_i sum_j w_ij R_j / stab_eps(z_j)``, ``z_j = sum_i x_i w_ij + b_j``.
+
+    ``Epsilon(0)`` is LRP-0 (where ``z_j = 0`` the relevance is dropped, never NaN).
+    """
+
+    epsilon: float = 1e-6  # type: ignore[assignment]
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_non_negative("Epsilon", epsilon=self.epsilon)
+
+    @property
+    def stabilizer(self) -> float:  # type: ignore[override]
+        return self.epsilon
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (Branch(identity, identity, identity),)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZPlus(AffineRule):
+    """z+ rule (= AlphaBeta(1, 0)): ``zhat_j = sum_i (x+_i w+_ij + x-_i w-_ij) + b+_j``;
+    ``R_i = x+_i sum_j w+_ij s_j + x-_i sum_j w-_ij s_j`` with ``s_j = R_j / stab(zhat_j)``."""
+
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_non_negative("ZPlus", stabilizer=self.stabilizer)
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (
+            Branch(positive, positive, positive),
+            Branch(negative, negative, None, negative_input=True),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaBeta(AffineRule):
+    """alpha-beta rule: positive and negative contributions normalized separately,
+    ``R_i = alpha * R_i^+ - beta * R_i^-`` (rules.md).  Requires ``alpha - beta = 1``, both >= 0."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_non_negative("AlphaBeta", alpha=self.alpha, beta=self.beta, stabilizer=self.stabilizer)
+        if abs(self.alpha - self.beta - 1.0) > 1e-12:
+            raise ValueError(
+                f"AlphaBeta: alpha - beta must equal 1 for the rule to be conservative, got "
+                f"alpha={self.alpha!r}, beta={self.beta!r} (alpha - beta = {self.alpha - self.beta!r})"
+            )
+
+    def branches(self) -> tuple[Branch, ...]:
+        a, b = float(self.alpha), float(self.beta)
+        return (
+            Branch(positive, positive, positive, group=0, coefficient=a),
+            Branch(negative, negative, None, group=0, coefficient=a, negative_input=True),
+            Branch(positive, negative, negative, group=1, coefficient=-b),
+            Branch(negative, positive, None, group=1, coefficient=-b, negative_input=True),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Gamma(AffineRule):
+    """Generalized gamma rule (zennit): favour positive contributions by ``gamma``.
+
+    ``zu_j = sum_i [x+ (w + g w+) + x- (w + g w-)] + b + g b+`` takes the relevance of neurons with
+    ``z_j > 0``, ``zd_j = sum_i [x+ (w + g w-) + x- (w + g w+)] + b + g b-`` that of ``z_j < 0``.
+    ``Gamma(0)`` is LRP-0 on positive and negative outputs alike.
+    """
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_non_negative("Gamma", gamma=self.gamma, stabilizer=self.stabilizer)
+
+    def branches(self) -> tuple[Branch, ...]:
+        up = functools.partial(gamma_modifier, gamma=float(self.gamma), part=positive)
+        down = functools.partial(gamma_modifier, gamma=float(self.gamma), part=negative)
+        return (
+            Branch(positive, up, up, group=0),
+            Branch(negative, down, None, group=0, negative_input=True),
+            Branch(positive, down, down, group=1),
+            Branch(negative, up, None, group=1, negative_input=True),
+        )
+
+    def masks(self, output: Array) -> Sequence[Array]:
+        return (output > 0, output < 0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZBox(AffineRule):
+    """z^B rule for inputs bounded by ``low <= x <= high`` (Montavon et al. 2017, Sec. 5.3):
+    ``R_i = x_i sum_j w_ij s_j - l_i sum_j w+_ij s_j - h_i sum_j w-_ij s_j`` with
+    ``zhat_j = sum_i (x_i w_ij - l_i w+_ij - h_i w-_ij)`` (the bias cancels).
+
+    ``low`` and ``high`` are scalars or arrays broadcastable to one sample of the layer input
+    (e.g. ``(H, W, C)`` or ``(C,)`` for NHWC images).  A convolution's padding is never a bound.
+    """
+
+    low: Any = 0.0
+    high: Any = 1.0
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_non_negative("ZBox", stabilizer=self.stabilizer)
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"ZBox: {name} must be a number or an array, got None")
+            if not isinstance(value, jax.core.Tracer):
+                array = np.asarray(value)
+                if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+                    raise ValueError(f"ZBox: {name} must be finite numbers, got {value!r}")
+        low, high = self.low, self.high
+        if not isinstance(low, jax.core.Tracer) and not isinstance(high, jax.core.Tracer):
+            low_a, high_a = np.asarray(low), np.asarray(high)
+            try:
+                np.broadcast_shapes(low_a.shape, high_a.shape)
+            except ValueError:
+                raise ValueError(
+                    f"ZBox: low of shape {low_a.shape} and high of shape {high_a.shape} do not broadcast"
+                ) from None
+            if np.any(low_a > high_a):
+                raise ValueError("ZBox: low must be <= high everywhere")
+
+    def validate_input(self, shape: tuple[int, ...], where: str) -> None:
+        shape = tuple(shape)
+        for name in ("low", "high"):
+            bound_shape = tuple(np.shape(getattr(self, name)))
+            try:
+                ok = np.broadcast_shapes(bound_shape, shape) == shape
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"ZBox: {name} has shape {bound_shape}, which does not broadcast to one sample "
+                    f"of shape {shape[1:]} (layer input of shape {shape}) at {where}"
+                )
+
+    def branches(self) -> tuple[Branch, ...]:
+        low = functools.partial(broadcast_bound, bound=self.low)
+        high = functools.partial(broadcast_bound, bound=self.high)
+        return (
+            Branch(identity, identity, identity, sign=1.0, coefficient=1.0),
+            Branch(low, positive, positive, sign=-1.0, coefficient=-1.0),
+            Branch(high, negative, negative, sign=-1.0, coefficient=-1.0),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WSquare(AffineRule):
+    """w^2 rule (Montavon et al. 2017, Sec. 5.1): ``R_i = sum_j w_ij^2 R_j / stab(sum_i w_ij^2 + b_j^2)``.
+
+    Independent of the input values; for a padded convolution only in-bounds taps count.
+    zennit squares the bias too; ``zero_bias=True`` drops it.
+    """
+
+    stabilizer: float = 1e-6
+    zero_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_non_negative("WSquare", stabilizer=self.stabilizer)
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (Branch(ones, square, square),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat(AffineRule):
+    """Flat rule: relevance spread uniformly over connected inputs,
+    ``R_i = sum_{j connected to i} R_j / stab(n_j)`` with ``n_j`` the number of (in-bounds) inputs of ``j``.
+    The bias is always dropped."""
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_non_negative("Flat", stabilizer=self.stabilizer)
+
+    @property
+    def zero_bias(self) -> bool:  # type: ignore[override]
+        return True
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (Branch(ones, ones, None),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass(Rule):
+    """Pass: ``R_in = R_out`` for elementwise operations (activations, shifts, scaling by constants)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm(Rule):
+    """Norm: relevance in proportion to contribution, for sums of data values and average pooling:
+    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``.  On an affine layer it is ``Epsilon(stabilizer)``."""
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_non_negative("Norm", stabilizer=self.stabilizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradient(Rule):
+    """The plain gradient (vector-Jacobian product) of the operation or layer."""
+
+
+# --- the one generic function ---------------------------------------------------------------------
+def affine_relevance(
+    rule: AffineRule,
+    linear: Callable[[Array, Array], Array],
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    output: Array,
+    relevance: Array,
+    *,
+    non_negative_input: bool = False,
+) -> Array:
+    """Input relevance of an affine layer ``z = linear(x, kernel) + bias`` under ``rule``.
+
+    ``output`` is the layer's forward value ``z`` and ``relevance`` the relevance ``R`` of its
+    outputs.  ``linear`` must be linear in its first argument (a ``dot_general`` or a convolution).
+    See the module docstring for the formula.
+    """
+    branches = [
+        b for b in rule.branches() if not (non_negative_input and b.negative_input)
+    ]
+    compute = _compute_dtype(relevance.dtype)
+    groups: dict[int, Array] = {}
+    pullbacks = []
+    for branch in branches:
+        x_k = branch.input(x)
+        w_k = branch.weight(kernel)
+        if branch.reproduces_forward and not rule.zero_bias:
+            z_k, pullback = output, jax.linear_transpose(lambda v, w=w_k: linear(v, w), x_k)
+        else:
+            z_k, vjp = jax.vjp(lambda v, w=w_k: linear(v, w), x_k)
+            pullback = vjp
+            if branch.bias is not None and bias is not None and not rule.zero_bias:
+                z_k = z_k + branch.bias(bias)
+        term = branch.sign * z_k.astype(compute)
+        groups[branch.group] = term if branch.group not in groups else groups[branch.group] + term
+        pullbacks.append((branch, x_k, pullback))
+
+    # zennit takes Gamma's masks from the layer's output computed with the rule's own bias setting
+    original = output - bias if (rule.zero_bias and bias is not None) else output
+    masks = rule.masks(original)
+    scaled: dict[int, Array] = {}
+    for group, denominator in groups.items():
+        s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.epsilon))
+        if masks is not None:
+            s = s * masks[group]
+        scaled[group] = s.astype(relevance.dtype)
+
+    result = None
+    for branch, x_k, pullback in pullbacks:
+        (g,) = pullback(scaled[branch.group])
+        term = x_k * g
+        if branch.coefficient != 1.0:
+            term = branch.coefficient * term
+        result = term if result is None else result + term
+    return result.astype(x.dtype)
