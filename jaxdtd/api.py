@@ -22,7 +22,10 @@ _CACHE_SIZE = 32
 
 
 def _normalize_argnums(argnums: int | Sequence[int]) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    try:
+        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    except TypeError:
+        nums = (argnums,)
     if not nums or not all(isinstance(n, int) and not isinstance(n, bool) for n in nums):
         raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
     return nums

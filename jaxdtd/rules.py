@@ -412,9 +412,8 @@ def affine_relevance(
         groups[branch.group] = term if branch.group not in groups else groups[branch.group] + term
         pullbacks.append((branch, x_k, pullback))
 
-    # zennit takes Gamma's masks from the layer's output computed with the rule's own bias setting
-    original = output - bias if (rule.zero_bias and bias is not None) else output
-    masks = rule.masks(original)
+    # masks come from the layer's original output, bias included even with zero_bias (as zennit)
+    masks = rule.masks(output)
     scaled: dict[int, Array] = {}
     for group, denominator in groups.items():
         s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.epsilon))

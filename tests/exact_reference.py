@@ -80,7 +80,12 @@ class Affine:
     taps: tuple[tuple[int, int, Fraction], ...]
     bias: tuple[Fraction, ...]
 
+    def __post_init__(self):
+        assert len(self.bias) == self.n_out, "one bias per output"
+        assert all(0 <= i < self.n_in and 0 <= j < self.n_out for i, j, _ in self.taps)
+
     def forward(self, x: Sequence[Fraction], with_bias: bool = True) -> list[Fraction]:
+        assert len(x) == self.n_in
         z = [b if with_bias else Fraction(0) for b in self.bias]
         for i, j, w in self.taps:
             z[j] += x[i] * w
@@ -179,7 +184,8 @@ def conv(
     n_out = c_out
     for n in out_spatial:
         n_out *= n
-    return Affine(n_in, n_out, tuple(taps), tuple(q(b) for b in bias))
+    # one bias per output channel, repeated at every output position (channels last)
+    return Affine(n_in, n_out, tuple(taps), tuple(q(bias[j % c_out]) for j in range(n_out)))
 
 
 def pool(length: int, channels: int, window: int, stride: int, weight=1) -> Affine:

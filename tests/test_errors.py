@@ -1,0 +1,189 @@
+"""Bad input gets a specific error; zero denominators never give NaN."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdtd as dtd
+from jaxdtd import composites as C
+from jaxdtd import rules as R
+from models import CNN, MLP
+
+
+class Gated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x)
+        h = h * jax.nn.sigmoid(h)  # GATED_LINE: a product of two data values
+        return nn.Dense(2)(h)
+
+
+class Sine(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(jnp.sin(nn.Dense(3)(x)))  # SINE_LINE
+
+
+def _line_of(marker: str) -> int:
+    with open(__file__) as handle:
+        for number, line in enumerate(handle, start=1):
+            if marker in line and "_line_of" not in line:
+                return number
+    raise AssertionError(marker)
+
+
+def test_product_of_data_names_primitive_module_and_source_line():
+    model, x = Gated(), jnp.ones((2, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    f = dtd.transform(model.apply, C.EpsilonPlus())
+    with pytest.raises(dtd.UnsupportedOperationError) as info:
+        f(variables, x)
+    message = str(info.value)
+    assert "primitive 'mul'" in message
+    assert "product of two data-dependent values" in message
+    assert "module 'Gated'" in message
+    assert f"test_errors.py:{_line_of('GATED_LINE')}" in message
+    assert "operations={'mul': rules.Gradient()}" in message
+    assert info.value.primitive == "mul" and info.value.module_path == "Gated"
+
+
+def test_unknown_primitive_and_explicit_fallback():
+    model, x = Sine(), jnp.ones((2, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(dtd.UnsupportedOperationError, match=r"primitive 'sin'.*unknown operation.*module 'Sine'"):
+        dtd.transform(model.apply, R.Epsilon())(variables, x)
+    with pytest.raises(dtd.UnsupportedOperationError, match=f"test_errors.py:{_line_of('SINE_LINE')}"):
+        dtd.transform(model.apply, R.Epsilon())(variables, x)
+    # an explicit rule makes it work: Pass hands the relevance through the sine unchanged
+    f = dtd.transform(model.apply, C.Composite(dense=R.Epsilon(0.0), operations={"sin": R.Pass()}))
+    np.testing.assert_allclose(f(variables, x), model.apply(variables, x), rtol=1e-6)
+    relevance = jax.grad(lambda x: f(variables, x)[:, 0].sum())(x)
+    assert np.isfinite(np.asarray(relevance)).all()
+
+
+def test_data_dependent_control_flow_is_rejected():
+    def fn(x):
+        return jax.lax.cond(x.sum() > 0, lambda v: v * 2.0, lambda v: v, x) @ jnp.ones((3, 1))
+
+    with pytest.raises(dtd.UnsupportedOperationError, match=r"primitive 'cond'.*data-dependent control flow"):
+        dtd.transform(fn, R.Epsilon(), argnums=0)(jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "pattern"),
+    [
+        (lambda: R.AlphaBeta(2.0, 2.0), ValueError, r"AlphaBeta: alpha - beta must equal 1 .*alpha=2.0, beta=2.0"),
+        (lambda: R.AlphaBeta(0.5, -0.5), ValueError, r"AlphaBeta: beta must be a finite number >= 0, got -0.5"),
+        (lambda: R.Epsilon(-1.0), ValueError, r"Epsilon: epsilon must be a finite number >= 0, got -1.0"),
+        (lambda: R.Epsilon(float("nan")), ValueError, r"Epsilon: epsilon must be a finite number >= 0"),
+        (lambda: R.Epsilon("0.1"), TypeError, r"Epsilon: epsilon must be a number, got str"),
+        (lambda: R.Gamma(-0.25), ValueError, r"Gamma: gamma must be a finite number >= 0, got -0.25"),
+        (lambda: R.ZPlus(stabilizer=-1e-6), ValueError, r"ZPlus: stabilizer must be a finite number >= 0"),
+        (lambda: R.ZBox(1.0, 0.0), ValueError, r"ZBox: low must be <= high everywhere"),
+        (lambda: R.ZBox(None, 1.0), ValueError, r"ZBox: low must be a number or an array, got None"),
+        (lambda: R.ZBox(np.zeros(3), np.ones(4)), ValueError, r"ZBox: low of shape \(3,\) and high of shape \(4,\)"),
+        (lambda: C.DeepTaylor(low=0.0), ValueError, r"DeepTaylor: give both low and high"),
+        (lambda: C.Composite(dense=R.Pass()), TypeError, r"Composite.dense: Pass\(\) cannot act on an affine layer"),
+        (lambda: C.Composite(operations={"sin": R.Epsilon()}), TypeError,
+         r"Composite.operations\['sin'\] must be Pass\(\), Norm\(\) or Gradient\(\)"),
+        (lambda: C.Composite(layers={"*": "zplus"}), TypeError, r"Composite.layers\['\*'\] must be a jaxdtd rule"),
+        (lambda: dtd.transform(lambda x: x, "zplus"), TypeError, r"composite must be a jaxdtd.composites.Composite"),
+        (lambda: dtd.transform(lambda x: x, R.ZPlus(), argnums=1.5), TypeError, r"argnums must be an int"),
+    ],
+)
+def test_invalid_construction(make, error, pattern):
+    with pytest.raises(error, match=pattern):
+        make()
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = CNN()
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    return model, model.init(jax.random.PRNGKey(0), x), x
+
+
+def test_argnums_out_of_range(cnn):
+    model, variables, x = cnn
+    f = dtd.transform(model.apply, C.EpsilonPlus(), argnums=2)
+    with pytest.raises(ValueError, match=re.escape("argnums=2 is out of range for a function called with 2 positional argument(s)")):
+        f(variables, x)
+    with pytest.raises(ValueError, match="argnums=3 is out of range"):
+        dtd.explain(model.apply, variables, x, composite=C.EpsilonPlus(), argnums=3)
+
+
+def test_integer_input_is_rejected(cnn):
+    model, variables, _ = cnn
+    f = dtd.transform(model.apply, C.EpsilonPlus())
+    with pytest.raises(TypeError, match=r"explained argument 1 has the argument itself of dtype int32; relevance is defined for floating-point inputs"):
+        f(variables, jnp.ones((2, 8, 8, 3), jnp.int32))
+
+
+def test_zbox_bounds_that_do_not_broadcast_to_a_sample(cnn):
+    model, variables, x = cnn
+    f = dtd.transform(model.apply, C.EpsilonGammaBox(jnp.zeros(5), jnp.ones(5)))
+    with pytest.raises(
+        ValueError,
+        match=re.escape("ZBox: low has shape (5,), which does not broadcast to one sample of shape (8, 8, 3) "
+                        "(layer input of shape (2, 8, 8, 3)) at layer 'CNN/Conv_0' (params/Conv_0/kernel)"),
+    ):
+        f(variables, x)
+    # per-channel and per-pixel bounds are fine
+    for low in (jnp.zeros(3), jnp.zeros((8, 8, 3)), jnp.zeros((8, 1, 3))):
+        dtd.transform(model.apply, C.EpsilonGammaBox(low, low + 1.0))(variables, x)
+
+
+def test_target_shape_must_match(cnn):
+    model, variables, x = cnn
+    with pytest.raises(ValueError, match=r"target of shape \(3,\) does not match the output of shape \(2, 5\)"):
+        dtd.explain(model.apply, variables, x, target=jnp.array([0, 1, 2]), composite=C.EpsilonPlus())
+    with pytest.raises(TypeError, match="target must be integer class indices"):
+        dtd.explain(model.apply, variables, x, target=jnp.array([0.0, 1.0]), composite=C.EpsilonPlus())
+
+
+PRESETS = {
+    "DeepTaylor": C.DeepTaylor(0.0, 1.0),
+    "DeepTaylorW2": C.DeepTaylor(),
+    "EpsilonPlus": C.EpsilonPlus(),
+    "EpsilonPlusFlat": C.EpsilonPlusFlat(),
+    "EpsilonGammaBox": C.EpsilonGammaBox(0.0, 1.0),
+    "EpsilonAlpha2Beta1": C.EpsilonAlpha2Beta1(),
+    "EpsilonAlpha2Beta1Flat": C.EpsilonAlpha2Beta1Flat(),
+    "LRP0": R.Epsilon(0.0),
+    "Gamma": R.Gamma(0.25),
+    "WSquare": R.WSquare(),
+    "Flat": R.Flat(),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_zero_input_and_dead_network_give_no_nan(cnn, name):
+    model, variables, x = cnn
+    composite = PRESETS[name]
+    zero_bias = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if "bias" in jax.tree_util.keystr(p) else v, variables
+    )
+    dead = jax.tree_util.tree_map_with_path(
+        lambda p, v: -jnp.ones_like(v) if "Conv_0" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p) else v,
+        variables,
+    )
+    for v, inputs in ((zero_bias, jnp.zeros_like(x)), (variables, jnp.zeros_like(x)), (dead, x)):
+        relevance, _ = dtd.explain(model.apply, v, inputs, target=0, composite=composite)
+        assert np.isfinite(np.asarray(relevance)).all(), name
+
+
+def test_mlp_dead_relu_gives_no_nan():
+    model = MLP()
+    x = jnp.zeros((2, 6))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.tree_util.tree_map(jnp.zeros_like, variables)
+    for composite in PRESETS.values():
+        relevance, logits = dtd.explain(model.apply, variables, x, target=1, composite=composite)
+        assert np.isfinite(np.asarray(relevance)).all()
+        assert (relevance == 0).all()
