@@ -20,9 +20,9 @@ All arithmetic is in :class:`fractions.Fraction`; the stabilizer is exact too:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 __all__ = [
     "q", "sgn", "stab", "pos", "neg", "Affine", "Relevance", "dense", "conv", "pool", "mean_over_space",
@@ -100,12 +100,12 @@ class Relevance:
     scale: tuple[Fraction, ...]
 
     @classmethod
-    def initial(cls, y: Sequence[Fraction], ct: Sequence[Fraction]) -> "Relevance":
+    def initial(cls, y: Sequence[Fraction], ct: Sequence[Fraction]) -> Relevance:
         """``R_out = y * ct`` (rules.md, "Convention")."""
         values = tuple(yj * cj for yj, cj in zip(y, ct, strict=True))
         return cls(values, tuple(abs(v) for v in values))
 
-    def __add__(self, other: "Relevance") -> "Relevance":
+    def __add__(self, other: Relevance) -> Relevance:
         return Relevance(
             tuple(a + b for a, b in zip(self.values, other.values, strict=True)),
             tuple(a + b for a, b in zip(self.scale, other.scale, strict=True)),
@@ -171,8 +171,8 @@ def conv(
     taps = []
     for out_pos in itertools.product(*(range(n) for n in out_spatial)):
         for k_pos in itertools.product(*(range(k) for k in k_spatial)):
-            in_pos = [o * s + k - lo for o, k, s, (lo, _) in zip(out_pos, k_pos, strides, padding)]
-            if any(not 0 <= p < n for p, n in zip(in_pos, in_spatial)):
+            in_pos = [o * s + k - lo for o, k, s, (lo, _) in zip(out_pos, k_pos, strides, padding, strict=True)]
+            if any(not 0 <= p < n for p, n in zip(in_pos, in_spatial, strict=True)):
                 continue  # a padded position: no input, no tap
             for c in range(c_in):
                 for o in range(c_out):

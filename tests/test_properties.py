@@ -221,6 +221,12 @@ def networks(draw, bias: str, data: str, batch=st.integers(1, 6)):
     return fn, params, x, target
 
 
+def explain(fn, params, x, target, composite):
+    """``jaxdtd.explain`` under ``jax.jit``: one compilation instead of an eager dispatch per primitive
+    (about 4x faster on these tiny networks)."""
+    return jax.jit(lambda p, v, c: jaxdtd.explain(fn, p, v, target=c, composite=composite))(params, x, target)
+
+
 def per_sample_sums(relevance: jnp.ndarray) -> np.ndarray:
     return np.asarray(relevance, dtype=np.float64).reshape(relevance.shape[0], -1).sum(axis=1)
 
@@ -231,18 +237,21 @@ def per_sample_sums(relevance: jnp.ndarray) -> np.ndarray:
 
 
 def check_deep_taylor(composite, fn, params, x, target):
-    relevance, y = jaxdtd.explain(fn, params, x, target=target, composite=composite)
+    relevance, y = explain(fn, params, x, target, composite)
     assert relevance.shape == x.shape
     score = np.asarray(y[:, target], dtype=np.float64)
     keep = score > MIN_SCORE
     assume(keep.any())
     sums = per_sample_sums(relevance)
     np.testing.assert_allclose(sums[keep], score[keep], rtol=CONSERVATION_RTOL, atol=0)
-    r = np.asarray(relevance, dtype=np.float64).reshape(x.shape[0], -1)[keep]
-    # ZBox computes x * sum(w s) - h * sum(w- s): a difference of two sums whose exact value is >= 0,
-    # so a rounding error of a few ulps of the summed terms may show as a tiny negative number.
-    floor = -1e-6 * score[keep][:, None]
-    assert (r >= floor).all(), f"negative relevance {r.min()} for scores {score[keep]}"
+    # Positive: every factor of the propagation is >= 0, so R has the sign of f_c(x) (also for f_c < 0,
+    # where conservation need not hold: the output neuron may have no positive contribution).  ZBox
+    # computes x * sum(w s) - h * sum(w- s), a difference of two sums whose exact value is >= 0, so
+    # rounding may show a few ulps of the summed terms as a tiny value of the wrong sign.
+    r = np.asarray(relevance, dtype=np.float64).reshape(x.shape[0], -1)
+    signed = r * np.sign(score)[:, None]
+    floor = -1e-6 * np.abs(score)[:, None]
+    assert (signed >= floor).all(), f"relevance of the wrong sign: {signed.min()} for scores {score}"
 
 
 @settings(max_examples=25, **SETTINGS)
@@ -256,18 +265,6 @@ def test_deep_taylor_box_conserves_and_is_positive(net):
 def test_deep_taylor_wsquare_conserves_and_is_positive(net):
     # w^2 on the first layer: R_i = sum_j w_ij^2 s_j with s_j >= 0, non-negative for any input.
     check_deep_taylor(C.DeepTaylor(), *net)
-
-
-def test_deep_taylor_negative_score_gives_nonpositive_relevance():
-    """Sign follows the explained score: for f_c(x) < 0 every input relevance is <= 0."""
-    sizes = (5, 8, 8, 3)
-    params = make_mlp(7, sizes, "nonpositive")
-    x = inputs(7, (64, 5), "box")
-    relevance, y = jaxdtd.explain(mlp_apply, params, x, target=0, composite=C.DeepTaylor(0.0, 1.0))
-    score = np.asarray(y[:, 0])
-    negative = score < -MIN_SCORE
-    assert negative.any() and (score > MIN_SCORE).any()
-    assert (np.asarray(relevance)[negative] <= 1e-6 * np.abs(score[negative])[:, None]).all()
 
 
 # ==================================================================================================
@@ -289,7 +286,7 @@ def test_epsilon_zero_bias_conserves(net):
     statement is meaningless).  Observed errors are ~1e-7 of the scale.
     """
     fn, params, x, target = net
-    relevance, y = jaxdtd.explain(fn, params, x, target=target, composite=R.Epsilon(zero_bias=True))
+    relevance, y = explain(fn, params, x, target, R.Epsilon(zero_bias=True))
     score = np.asarray(y[:, target], dtype=np.float64)
     keep = np.abs(score) > MIN_SCORE
     assume(keep.any())
@@ -327,9 +324,9 @@ def assert_same_relevance(got, want, what: str):
 def test_batch_equals_single_samples(net, name):
     fn, params, x, target = net
     composite = COMPOSITES[name]
-    batched, y = jaxdtd.explain(fn, params, x, target=target, composite=composite)
+    batched, y = explain(fn, params, x, target, composite)
     for i in range(x.shape[0]):
-        single, y1 = jaxdtd.explain(fn, params, x[i : i + 1], target=target, composite=composite)
+        single, y1 = explain(fn, params, x[i : i + 1], target, composite)
         np.testing.assert_allclose(np.asarray(y1[0]), np.asarray(y[i]), rtol=1e-5, atol=1e-5)
         assert_same_relevance(single, batched[i : i + 1], f"{name}, sample {i}")
 
@@ -351,8 +348,8 @@ def test_vmap_of_single_sample_equals_batch(net, name, data):
         relevance, _ = jaxdtd.explain(fn, params, xi[None], target=ci, composite=composite)
         return relevance[0]
 
-    batched, _ = jaxdtd.explain(fn, params, x, target=targets, composite=composite)
-    assert_same_relevance(jax.vmap(explain_one)(x, targets), batched, f"{name}, vmap of explain")
+    batched, _ = explain(fn, params, x, targets, composite)
+    assert_same_relevance(jax.jit(jax.vmap(explain_one))(x, targets), batched, f"{name}, vmap of explain")
 
     # the same through jax.grad of the transformed function
     f = jaxdtd.transform(fn, composite)
@@ -361,4 +358,4 @@ def test_vmap_of_single_sample_equals_batch(net, name, data):
         onehot = jax.nn.one_hot(ci, classes)
         return jax.grad(lambda v: (f(params, v[None])[0] * onehot).sum())(xi)
 
-    assert_same_relevance(jax.vmap(grad_one)(x, targets), batched, f"{name}, vmap of grad")
+    assert_same_relevance(jax.jit(jax.vmap(grad_one))(x, targets), batched, f"{name}, vmap of grad")

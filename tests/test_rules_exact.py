@@ -16,17 +16,15 @@ reference itself (hand values, conservation); then the engine tests.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
+import exact_reference as ref
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import exact_reference as ref
 from exact_reference import Relevance, q
 
 # Tolerances: |got - want| <= RTOL |want| + SCALE_TOL * scale + ATOL  (see module docstring).
@@ -125,7 +123,7 @@ X_DEAD = [[1.0, -2.0, 0.0],
 def f32(data) -> np.ndarray:
     """float32 array of ``data``, checked to be exact so the reference and the engine see the same numbers."""
     arr = np.asarray(data, dtype=np.float32)
-    for value, exact in zip(arr.ravel().tolist(), np.asarray(data, dtype=object).ravel().tolist()):
+    for value, exact in zip(arr.ravel().tolist(), np.asarray(data, dtype=object).ravel().tolist(), strict=True):
         assert Fraction(value) == q(float(exact)), f"{exact!r} is not exact in float32"
     return arr
 
@@ -201,7 +199,8 @@ def _conv_relu_pool_fn(x):
 
 @dataclasses.dataclass(frozen=True)
 class RuleCase:
-    """A rule with its hyper-parameters; ``bounds`` is ``"scalar"`` or ``"array"`` for ZBox."""
+    """A rule with its hyper-parameters.  ZBox: ``bounds="scalar"`` is (-2, 2); ``"array"`` takes the case's
+    ``low``/``high`` arrays (one value per feature, or per input of one sample)."""
 
     kind: str
     params: tuple[tuple[str, object], ...] = ()
@@ -217,23 +216,23 @@ class RuleCase:
                 parts.append(f"{key}={value:g}")
         return "-".join(parts)
 
-    def _bounds(self, case: "Case"):
+    def _bounds(self, case: Case):
         if self.bounds == "scalar":
             return SCALAR_LOW, SCALAR_HIGH
         return case.low, case.high
 
-    def engine(self, case: "Case"):
-        from jaxdtd import rules as R
+    def engine(self, case: Case):
+        from jaxdtd import rules
 
         params = dict(self.params)
         if self.kind == "ZBox":
             low, high = self._bounds(case)
             if self.bounds == "array":
                 low, high = jnp.asarray(f32(low)), jnp.asarray(f32(high))
-            return R.ZBox(low, high, **params)
-        return getattr(R, self.kind)(**params)
+            return rules.ZBox(low, high, **params)
+        return getattr(rules, self.kind)(**params)
 
-    def contributions(self, layer: ref.Affine, x, case: "Case"):
+    def contributions(self, layer: ref.Affine, x, case: Case):
         params = dict(self.params)
         if self.kind == "Epsilon":
             return ref.epsilon(layer, x, **params)
@@ -249,15 +248,21 @@ class RuleCase:
             return ref.flat(layer, x, **params)
         if self.kind == "ZBox":
             low, high = self._bounds(case)
-            # Scalars apply to every input; arrays hold one value per feature (the last axis), so input i
-            # of a channels-last sample has feature i % len(bounds).
-            low = [q(low)] * layer.n_in if np.isscalar(low) else [q(low[i % len(low)]) for i in range(layer.n_in)]
-            high = [q(high)] * layer.n_in if np.isscalar(high) else [q(high[i % len(high)]) for i in range(layer.n_in)]
-            return ref.zbox(layer, x, low, high, **params)
+            return ref.zbox(layer, x, _per_input(low, layer.n_in), _per_input(high, layer.n_in), **params)
         raise AssertionError(self.kind)
 
-    def relevance_in(self, layer: ref.Affine, x, relevance: Relevance, case: "Case") -> Relevance:
+    def relevance_in(self, layer: ref.Affine, x, relevance: Relevance, case: Case) -> Relevance:
         return ref.propagate(self.contributions(layer, x, case), relevance, layer.n_in)
+
+
+def _per_input(bound, n_in: int) -> list[Fraction]:
+    """ZBox bound of every input of a channels-last sample.  A scalar applies to every input; an array is either
+    one value per feature (the last axis: input i has feature i % C) or one value per input (row-major)."""
+    if np.isscalar(bound):
+        return [q(bound)] * n_in
+    values = flat_fracs(bound)
+    assert n_in % len(values) == 0
+    return [values[i % len(values)] for i in range(n_in)]
 
 
 def _with_zero_bias(kind, **params):
@@ -299,7 +304,7 @@ class Case:
     fn: Callable
     x: list
     cts: tuple
-    pipeline: Callable[[RuleCase, list[Fraction], list[Fraction], "Case"], Relevance]
+    pipeline: Callable[[RuleCase, list[Fraction], list[Fraction], Case], Relevance]
     low: object = None
     high: object = None
 
@@ -318,8 +323,8 @@ def mlp_pipeline(first: ref.Affine, second: ref.Affine, relu_rule: str = "pass")
         y = second.forward(h)
         r_h = rule.relevance_in(second, h, Relevance.initial(y, ct), case)
         if relu_rule == "gradient":  # only for checking that the cases tell Pass from the gradient
-            r_h = Relevance(tuple(r if z > 0 else Fraction(0) for r, z in zip(r_h.values, z1)),
-                            tuple(s if z > 0 else Fraction(0) for s, z in zip(r_h.scale, z1)))
+            r_h = Relevance(tuple(r if z > 0 else Fraction(0) for r, z in zip(r_h.values, z1, strict=True)),
+                            tuple(s if z > 0 else Fraction(0) for s, z in zip(r_h.scale, z1, strict=True)))
         return rule.relevance_in(first, x, r_h, case)  # Pass: R_z1 = R_h
     return pipeline
 
@@ -327,7 +332,7 @@ def mlp_pipeline(first: ref.Affine, second: ref.Affine, relu_rule: str = "pass")
 def residual_pipeline(rule, x, ct, case):
     # y = L2(a + x), a = relu(L1(x)); Norm on a + x, Pass on the ReLU.
     a = ref.relu(MLP_1.forward(x))
-    r = [ak + xk for ak, xk in zip(a, x)]
+    r = [ak + xk for ak, xk in zip(a, x, strict=True)]
     y = RES_2.forward(r)
     r_r = rule.relevance_in(RES_2, r, Relevance.initial(y, ct), case)
     r_a, r_skip = ref.add_norm(a, x, r_r)
@@ -337,7 +342,7 @@ def residual_pipeline(rule, x, ct, case):
 def two_branch_pipeline(rule, x, ct, case):
     # y = (x W + b) + (x W_alt + b_alt): Norm on the add of the two layer outputs.
     za, zb = DENSE.forward(x), DENSE_ALT.forward(x)
-    y = [u + v for u, v in zip(za, zb)]
+    y = [u + v for u, v in zip(za, zb, strict=True)]
     r_a, r_b = ref.add_norm(za, zb, Relevance.initial(y, ct))
     return rule.relevance_in(DENSE, x, r_a, case) + rule.relevance_in(DENSE_ALT, x, r_b, case)
 
@@ -371,6 +376,11 @@ CONV_CASES = [
     Case("conv1d_same", _conv1_apply, X_CONV1, CT_CONV1, single_layer(CONV1), CONV_LOW, CONV_HIGH),
     Case("conv2d_stride2_pad1", _conv2_apply, X_CONV2, CT_CONV2, single_layer(CONV2), CONV2_LOW, CONV2_HIGH),
 ]
+# The same layer with ZBox bounds given per position and channel, shape (4, 2) = one sample.
+CONV_LOW_SAMPLE = [[-2.0, -1.5], [-1.0, -2.0], [-2.5, -1.0], [-1.5, -0.5]]
+CONV_HIGH_SAMPLE = [[2.0, 2.5], [1.5, 1.0], [0.5, 3.0], [2.0, 1.5]]
+CONV_SAMPLE_BOUNDS_CASE = Case("conv1d_same_bounds_per_position", _conv1_apply, X_CONV1, CT_CONV1, single_layer(CONV1),
+                               CONV_LOW_SAMPLE, CONV_HIGH_SAMPLE)
 NETWORK_CASES = [
     Case("mlp_dead_relu", _mlp_fn(W1, B1), X_DENSE, ((1.0, 1.0), (0.0, 1.0)), mlp_pipeline(MLP_1, MLP_2)),
     Case("mlp_dead_maximum", _mlp_maximum_fn, X_DENSE, ((1.0, 1.0),), mlp_pipeline(MLP_1, MLP_2)),
@@ -422,7 +432,7 @@ def assert_relevance(got: np.ndarray, want: list[Relevance], shape) -> None:
     error = np.abs(got.astype(np.float64) - values)
     if np.any(error > bound):
         bad = [f"  {tuple(int(k) for k in idx)}: got {got[idx]!r}, want {values[idx]!r}, allowed error {bound[idx]:.3g}"
-               for idx in zip(*np.nonzero(error > bound))]
+               for idx in zip(*np.nonzero(error > bound), strict=True)]
         raise AssertionError("relevance differs from the exact reference:\n" + "\n".join(bad)
                              + f"\ngot:\n{got}\nwant:\n{values}")
 
@@ -546,7 +556,7 @@ def test_reference_epsilon_zero_bias_conserves_whole_layer():
         r_out = Relevance.initial(y, flat_fracs((1.0, 1.0)))
         total = rule.relevance_in(DENSE, x, r_out, DENSE_CASE).total()
         zhat = DENSE.forward(x, with_bias=False)
-        assert total == sum(r * z / ref.stab(z, e) for r, z in zip(r_out.values, zhat))
+        assert total == sum(r * z / ref.stab(z, e) for r, z in zip(r_out.values, zhat, strict=True))
         assert all(zhat)
         assert abs(total - r_out.total()) <= sum(abs(r) for r in r_out.values) * e / min(abs(z) for z in zhat)
 
@@ -593,6 +603,13 @@ def test_conv_padding(dtd, case, rule):
         check(dtd, case, rule, ct)
 
 
+@pytest.mark.parametrize("rule", rule_params([r for r in RULES if r.bounds == "array"]))
+def test_conv_zbox_bounds_per_position(dtd, rule):
+    """ZBox bounds of the shape of one sample (4, 2): each input has its own low/high; padding still gets none."""
+    for ct in CONV_SAMPLE_BOUNDS_CASE.cts:
+        check(dtd, CONV_SAMPLE_BOUNDS_CASE, rule, ct)
+
+
 @pytest.mark.parametrize("rule", rule_params(RULES_SCALAR))
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in NETWORK_CASES])
 def test_network(dtd, case, rule):
@@ -607,6 +624,24 @@ def test_pooling_norm(dtd, case, rule):
     """Sum/average pooling and a global mean get Norm whatever the layer rule: R_i = x_i sum_j df_j/dx_i R_j / stab(f_j)."""
     for ct in case.cts:
         check(dtd, case, rule, ct)
+
+
+# A window whose sum is tiny (2^-10): here it matters that Norm stabilizes the pooling *output* f_j (the mean),
+# as rules.md and zennit's Norm on AvgPool do: R_i = x_i (1/n) R / stab(mean) = x_i R / (sum + n eps sgn),
+# not x_i R / stab(sum).  The two differ by ~(n - 1) eps / |sum| = 1e-3 relative here.
+X_TINY_SUM = [[[1.0], [-1.0 + 2.0**-10]]]
+TINY_SUM_CASES = [
+    Case("avg_pool_flax_tiny_sum", lambda x: nn.avg_pool(x, (2,), strides=(2,)), X_TINY_SUM, ([[1024.0]],),
+         pool_pipeline(ref.pool(2, 1, window=2, stride=2, weight=Fraction(1, 2)))),
+    Case("global_mean_tiny_sum", lambda x: jnp.mean(x, axis=1), X_TINY_SUM, ((1024.0,),),
+         pool_pipeline(ref.mean_over_space(2, 1))),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in TINY_SUM_CASES])
+def test_average_norm_stabilizes_the_mean(dtd, case):
+    """Exact values (checked against zennit's Norm on AvgPool1d): (510.9535..., -510.4545...)."""
+    check(dtd, case, RULES[0], case.cts[0])
 
 
 @pytest.mark.parametrize("rule", rule_params(RULES))
