@@ -14,7 +14,7 @@ from . import composites as C
 from . import rules as R
 from .graph import analyse
 from .interpret import Plan, evaluate, plan
-from .trace import flatten
+from .trace import trace
 
 __all__ = ["explain", "from_nnx", "transform", "trace_plan"]
 
@@ -72,14 +72,7 @@ def trace_plan(fn: Callable, composite: Any, args: tuple, argnums: int | Sequenc
 
 def _build_plan(fn: Callable, composite: C.Composite, args: tuple, nums: tuple[int, ...]) -> Plan:
     with_path, _ = jax.tree_util.tree_flatten_with_path(args)
-    abstract = jax.tree_util.tree_map(
-        lambda leaf: jax.ShapeDtypeStruct(
-            jnp.shape(leaf), jax.typeof(leaf).dtype, weak_type=getattr(jax.typeof(leaf), "weak_type", False)
-        ),
-        args,
-    )
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*abstract)
-    program = flatten(closed)
+    program, out_tree = trace(fn, args)
     explained = set()
     leaf_names = {}
     for var, (path, _leaf) in zip(program.invars, with_path):
@@ -89,7 +82,7 @@ def _build_plan(fn: Callable, composite: C.Composite, args: tuple, nums: tuple[i
             leaf_names[var] = _leaf_name(path)
     analysis = analyse(program, explained, leaf_names)
     result = plan(program, analysis, composite)
-    return dataclasses.replace(result, out_tree=jax.tree_util.tree_structure(out_shape))
+    return dataclasses.replace(result, out_tree=out_tree)
 
 
 def transform(
@@ -133,7 +126,8 @@ def transform(
                     where = jax.tree_util.keystr(path) or "the argument itself"
                     raise TypeError(
                         f"jaxdtd.transform: explained argument {n} has {where} of dtype {dtype}; "
-                        f"relevance is defined for floating-point inputs only (cast with .astype(jnp.float32))"
+                        "relevance is defined for floating-point inputs only "
+                        "(cast with .astype(jnp.float32))"
                     )
         leaves, _ = jax.tree_util.tree_flatten(args)
         key = (jax.tree_util.tree_structure(args), _signature(leaves), resolved)
@@ -150,9 +144,7 @@ def transform(
             if i in resolved:
                 explained.update(range(offset, offset + count))
             offset += count
-        inputs = [
-            leaf if i in explained else jax.lax.stop_gradient(leaf) for i, leaf in enumerate(leaves)
-        ]
+        inputs = [leaf if i in explained else jax.lax.stop_gradient(leaf) for i, leaf in enumerate(leaves)]
         outs = evaluate(the_plan, inputs)
         return jax.tree_util.tree_unflatten(the_plan.out_tree, outs)
 

@@ -116,9 +116,7 @@ def as_composite(composite: Composite | R.Rule | None) -> Composite | None:
 
 def EpsilonPlus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:  # noqa: N802
     """ZPlus on convolutions, Epsilon on dense layers (zennit's ``EpsilonPlus``)."""
-    return Composite(
-        conv=R.ZPlus(stabilizer=stabilizer), dense=R.Epsilon(epsilon), name="EpsilonPlus"
-    )
+    return Composite(conv=R.ZPlus(stabilizer=stabilizer), dense=R.Epsilon(epsilon), name="EpsilonPlus")
 
 
 def EpsilonPlusFlat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:  # noqa: N802

@@ -30,10 +30,30 @@ LINEAR_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
 
 #: Operations through which non-negativity is preserved when all data operands are non-negative.
 _KEEPS_SIGN = {
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
-    "rev", "copy", "copy_p", "convert_element_type", "reduce_max", "reduce_min", "reduce_window_max",
-    "reduce_window_min", "reduce_sum", "reduce_window_sum", "concatenate", "select_n", "add",
-    "add_any", "sharding_constraint", "reduce_precision", "split",
+    "reshape",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "slice",
+    "dynamic_slice",
+    "rev",
+    "copy",
+    "copy_p",
+    "convert_element_type",
+    "reduce_max",
+    "reduce_min",
+    "reduce_window_max",
+    "reduce_window_min",
+    "reduce_sum",
+    "reduce_window_sum",
+    "concatenate",
+    "select_n",
+    "add",
+    "add_any",
+    "sharding_constraint",
+    "reduce_precision",
+    "split",
 }
 #: Operations whose result is non-negative whatever their input.
 _NON_NEGATIVE_RESULT = {"abs", "exp", "logistic", "sqrt", "rsqrt"}
@@ -92,10 +112,13 @@ class AffineLayer:
         out_shape = self.linear.out_avals[0].shape
         scale = jnp.asarray(scale)
         scale = jnp.reshape(scale, (1,) * (len(out_shape) - scale.ndim) + scale.shape)
-        scale = jnp.broadcast_to(scale, tuple(
-            out_shape[d] if d in _output_feature_dims(self.linear, self.data_position) else 1
-            for d in range(len(out_shape))
-        ))
+        scale = jnp.broadcast_to(
+            scale,
+            tuple(
+                out_shape[d] if d in _output_feature_dims(self.linear, self.data_position) else 1
+                for d in range(len(out_shape))
+            ),
+        )
         features = _output_feature_dims(self.linear, self.data_position)
         vector = jnp.reshape(scale, tuple(out_shape[d] for d in features))
         kernel_dims = _kernel_feature_dims(self.linear, self.data_position)
@@ -180,9 +203,12 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
             producer[v] = eqn
         has_data = any(is_data(a) for a in eqn.invars)
         if not has_data:
-            if all(isinstance(a, Constant) or a in known for a in eqn.invars) and all(
-                np.size(_static_value(a, known)) <= 64 for a in eqn.invars
-            ) and not eqn.primitive.multiple_results and np.prod(eqn.out_avals[0].shape) <= 64:
+            if (
+                all(isinstance(a, Constant) or a in known for a in eqn.invars)
+                and all(np.size(_static_value(a, known)) <= 64 for a in eqn.invars)
+                and not eqn.primitive.multiple_results
+                and np.prod(eqn.out_avals[0].shape) <= 64
+            ):
                 try:
                     values = [_static_value(a, known) for a in eqn.invars]
                     with jax.ensure_compile_time_eval():
@@ -210,10 +236,10 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
             sign = known_sign_ok(operands[0]) and known_sign_ok(operands[1])
         elif name in ("mul", "div"):
             sign = all(known_sign_ok(a) for a in operands)
+        elif name == "select_n":  # the predicate does not matter, the cases do
+            sign = all(known_sign_ok(a) for a in operands[1:])
         elif name in _KEEPS_SIGN:
-            sign = all(known_sign_ok(a) for a in operands if is_data(a) or name != "select_n")
-            if name == "select_n":
-                sign = all(known_sign_ok(a) for a in operands[1:])
+            sign = all(known_sign_ok(a) for a in operands)
         else:
             sign = False
         if sign:

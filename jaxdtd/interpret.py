@@ -34,13 +34,38 @@ _PASS = R.Pass()
 _NORM = R.Norm()
 
 STRUCTURAL = (
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "concatenate", "slice",
-    "dynamic_slice", "pad", "convert_element_type", "copy", "copy_p", "rev", "select_n",
-    "reduce_precision", "sharding_constraint", "split", "optimization_barrier",
+    "reshape",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "concatenate",
+    "slice",
+    "dynamic_slice",
+    "pad",
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "rev",
+    "select_n",
+    "reduce_precision",
+    "sharding_constraint",
+    "split",
+    "optimization_barrier",
     # max pooling and friends: winner takes all (gradient), rules.md
-    "reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "argmax", "argmin",
+    "reduce_max",
+    "reduce_min",
+    "reduce_window_max",
+    "reduce_window_min",
+    "argmax",
+    "argmin",
     # comparisons produce booleans that carry no relevance
-    "eq", "ne", "gt", "ge", "lt", "le",
+    "eq",
+    "ne",
+    "gt",
+    "ge",
+    "lt",
+    "le",
 )
 
 
@@ -180,7 +205,9 @@ def plan(program: Program, analysis: Analysis, composite: Composite) -> Plan:
             rule = classify(eqn, data)
         if isinstance(rule, R.Pass) and sum(data) != 1:
             raise UnsupportedOperationError(
-                eqn.name, eqn.name_stack, source_line(eqn.source_info),
+                eqn.name,
+                eqn.name_stack,
+                source_line(eqn.source_info),
                 "Pass() needs exactly one data operand",
             )
         steps.append(Step("operation", eqn, rule))
@@ -297,7 +324,13 @@ def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_v
         x, kernel, chain_values, out = residuals
         folded_kernel, bias = _fold(layer, kernel, chain_values)
         r_in = R.affine_relevance(
-            rule, bind_linear, x, folded_kernel, bias, out, relevance,
+            rule,
+            bind_linear,
+            x,
+            folded_kernel,
+            bias,
+            out,
+            relevance,
             non_negative_input=layer.non_negative_input,
         )
         return (
@@ -344,7 +377,9 @@ def evaluate(the_plan: Plan, leaves: Sequence[Any]) -> list[Any]:
         elif step.kind == "layer":
             layer = step.layer
             if not isinstance(step.rule, R.AffineRule):  # Gradient / no rule: ordinary evaluation
-                z = _bind(layer.linear, _operands(layer.linear, layer.data_position, read(layer.input), read))[0]
+                z = _bind(
+                    layer.linear, _operands(layer.linear, layer.data_position, read(layer.input), read)
+                )[0]
                 for op in layer.chain:
                     z = _bind(op.equation, _operands(op.equation, 1 - op.const_position, z, read))[0]
                 outs = [z]
@@ -361,7 +396,7 @@ def evaluate(the_plan: Plan, leaves: Sequence[Any]) -> list[Any]:
         env.update(zip(eqn.outvars, outs))
 
     results = []
-    for atom, aval in zip(program.outvars, program.out_avals):
+    for atom in program.outvars:
         value = read(atom)
         if not isinstance(atom, Constant) and atom in analysis.data:
             value = initial_relevance(value)

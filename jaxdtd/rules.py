@@ -145,10 +145,6 @@ class AffineRule(Rule):
     def validate_input(self, shape: tuple[int, ...], where: str) -> None:
         """Raise a clear error if the rule cannot act on a layer input of this shape."""
 
-    @property
-    def epsilon(self) -> float:  # noqa: D401 - the stabilizer of the denominators
-        return self.stabilizer
-
 
 def _check_non_negative(rule: str, **values: float) -> None:
     for name, value in values.items():
@@ -165,7 +161,7 @@ class Epsilon(AffineRule):
     ``Epsilon(0)`` is LRP-0 (where ``z_j = 0`` the relevance is dropped, never NaN).
     """
 
-    epsilon: float = 1e-6  # type: ignore[assignment]
+    epsilon: float = 1e-6
     zero_bias: bool = False
 
     def __post_init__(self) -> None:
@@ -361,7 +357,8 @@ class Pass(Rule):
 @dataclasses.dataclass(frozen=True)
 class Norm(Rule):
     """Norm: relevance in proportion to contribution, for sums of data values and average pooling:
-    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``.  On an affine layer it is ``Epsilon(stabilizer)``."""
+    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``.
+    On an affine layer it is ``Epsilon(stabilizer)``."""
 
     stabilizer: float = 1e-6
 
@@ -392,9 +389,7 @@ def affine_relevance(
     outputs.  ``linear`` must be linear in its first argument (a ``dot_general`` or a convolution).
     See the module docstring for the formula.
     """
-    branches = [
-        b for b in rule.branches() if not (non_negative_input and b.negative_input)
-    ]
+    branches = [b for b in rule.branches() if not (non_negative_input and b.negative_input)]
     compute = _compute_dtype(relevance.dtype)
     groups: dict[int, Array] = {}
     pullbacks = []
@@ -416,7 +411,7 @@ def affine_relevance(
     masks = rule.masks(output)
     scaled: dict[int, Array] = {}
     for group, denominator in groups.items():
-        s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.epsilon))
+        s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.stabilizer))
         if masks is not None:
             s = s * masks[group]
         scaled[group] = s.astype(relevance.dtype)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
-__all__ = ["Constant", "Equation", "Program", "flatten", "source_line"]
+__all__ = ["Constant", "Equation", "Program", "flatten", "source_line", "trace"]
 
 #: Nested-call primitives and the parameter that holds the callee.  A callee is a ``ClosedJaxpr``
 #: or an open ``Jaxpr`` (remat); its invars line up with the equation's invars.
@@ -162,11 +162,12 @@ def source_line(source_info: Any) -> str:
     return fallback or "<unknown source>"
 
 
-def trace(fn, args: tuple) -> Program:
-    """Trace ``fn(*args)`` on abstract values (works for tracers under jit/vmap) and flatten it."""
+def trace(fn: Any, args: tuple) -> tuple[Program, Any]:
+    """Trace ``fn(*args)`` on abstract values and flatten it; returns the program and the output
+    tree structure.  Tracing on shapes, not values, makes it work for tracers under jit and vmap."""
     abstract = jax.tree_util.tree_map(_abstract, args)
-    closed = jax.make_jaxpr(fn)(*abstract)
-    return flatten(closed)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*abstract)
+    return flatten(closed), jax.tree_util.tree_structure(out_shape)
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:

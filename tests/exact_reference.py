@@ -166,18 +166,22 @@ def conv(
     c_in = len(_nested_get(kernel, [0] * d))
     c_out = len(bias)
     out_spatial = [
-        (n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(in_spatial, k_spatial, strides, padding, strict=True)
+        (n + lo + hi - k) // s + 1
+        for n, k, s, (lo, hi) in zip(in_spatial, k_spatial, strides, padding, strict=True)
     ]
     taps = []
     for out_pos in itertools.product(*(range(n) for n in out_spatial)):
         for k_pos in itertools.product(*(range(k) for k in k_spatial)):
-            in_pos = [o * s + k - lo for o, k, s, (lo, _) in zip(out_pos, k_pos, strides, padding, strict=True)]
+            in_pos = [
+                o * s + k - lo for o, k, s, (lo, _) in zip(out_pos, k_pos, strides, padding, strict=True)
+            ]
             if any(not 0 <= p < n for p, n in zip(in_pos, in_spatial, strict=True)):
                 continue  # a padded position: no input, no tap
             for c in range(c_in):
                 for o in range(c_out):
                     w = q(_nested_get(kernel, [*k_pos, c, o]))
-                    taps.append((_index(in_pos, in_spatial, c, c_in), _index(out_pos, out_spatial, o, c_out), w))
+                    i = _index(in_pos, in_spatial, c, c_in)
+                    taps.append((i, _index(out_pos, out_spatial, o, c_out), w))
     n_in = c_in
     for n in in_spatial:
         n_in *= n
@@ -221,7 +225,7 @@ def _bias(layer: Affine, zero_bias: bool) -> tuple[Fraction, ...]:
 
 
 def epsilon(layer: Affine, x, epsilon=1e-6, zero_bias=False) -> Contributions:
-    """``zhat_j = sum_i x_i w_ij + b_j``; ``R_i = x_i sum_j w_ij R_j / stab(zhat_j)``, stab with ``epsilon``."""
+    """``zhat_j = sum_i x_i w_ij + b_j``; ``R_i = x_i sum_j w_ij R_j / stab(zhat_j)``, stab by ``epsilon``."""
     eps, b = q(epsilon), _bias(layer, zero_bias)
     z = _per_output(layer, lambda i, j, w: x[i] * w)
     denom = [stab(z[j] + b[j], eps) for j in range(layer.n_out)]
@@ -288,7 +292,8 @@ def gamma(layer: Affine, x, gamma=0.25, stabilizer=1e-6, zero_bias=False) -> Con
 
 def zbox(layer: Affine, x, low, high, stabilizer=1e-6, zero_bias=False) -> Contributions:
     """``zhat_j = sum_i (x_i w_ij - l_i w+_ij - h_i w-_ij)`` (the bias cancels, so ``zero_bias`` changes
-    nothing); ``R_i = sum_j (x_i w_ij - l_i w+_ij - h_i w-_ij) s_j``.  ``low``/``high``: one value per input."""
+    nothing); ``R_i = sum_j (x_i w_ij - l_i w+_ij - h_i w-_ij) s_j``.  ``low``, ``high``: one value per input.
+    """
     del zero_bias  # b - b+ - b- = 0
     eps = q(stabilizer)
     z = _per_output(layer, lambda i, j, w: x[i] * w - low[i] * pos(w) - high[i] * neg(w))
@@ -320,7 +325,8 @@ def flat(layer: Affine, x, stabilizer=1e-6) -> Contributions:
 
 
 def norm(op: Affine, x, stabilizer=1e-6) -> Contributions:
-    """Norm for a parameter-free linear op ``f`` (pooling, mean): ``R_i = x_i sum_j (df_j/dx_i) R_j / stab(f_j)``."""
+    """Norm for a parameter-free linear op ``f`` (pooling, mean):
+    ``R_i = x_i sum_j (df_j/dx_i) R_j / stab(f_j)``."""
     eps = q(stabilizer)
     f = op.forward(x, with_bias=False)
     return [(i, j, x[i] * d / stab(f[j], eps)) for i, j, d in op.taps]

@@ -19,8 +19,22 @@ def div(r, d):
     return np.where(d == 0, 0.0, r / np.where(d == 0, 1.0, d))
 
 
-def relevance(rule: str, x, M, b, R, *, M_ones=None, eps=1e-6, alpha=2.0, beta=1.0, gamma=0.25,
-              low=None, high=None, zero_bias=False):
+def relevance(
+    rule: str,
+    x,
+    M,
+    b,
+    R,
+    *,
+    M_ones=None,
+    eps=1e-6,
+    alpha=2.0,
+    beta=1.0,
+    gamma=0.25,
+    low=None,
+    high=None,
+    zero_bias=False,
+):
     """Input relevance (flattened) of ``z = x @ M + b`` receiving relevance ``R`` (flattened)."""
     x, M, R = (np.asarray(a, np.float64) for a in (x, M, R))
     full_b = np.zeros(M.shape[1]) if b is None else np.asarray(b, np.float64)

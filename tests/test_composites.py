@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import CNN
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import rules as R
-from models import CNN
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def test_precedence_glob_over_first_over_kind_over_default(cnn):
         ("AlphaBeta", "layers['params/Dense_1/*']"),  # weight-path glob
     ]
     # first glob in order wins
-    rows = assignment(model.apply, C.Composite(layers=[("*Dense*", R.ZPlus()), ("*", R.Flat())]), (variables, x))
+    rows = assignment(
+        model.apply, C.Composite(layers=[("*Dense*", R.ZPlus()), ("*", R.Flat())]), (variables, x)
+    )
     assert [type(r).__name__ for _, _, r, _ in rows] == ["Flat", "Flat", "ZPlus", "ZPlus"]
     # nothing matches: plain gradient
     rows = assignment(model.apply, C.Composite(conv=R.ZPlus()), (variables, x))
@@ -128,7 +130,9 @@ def test_presets_are_the_rules_of_rules_md(preset, first, conv, dense):
 
 def test_box_presets():
     dt = C.DeepTaylor(low=-1.0, high=2.0)
-    assert isinstance(dt.first, R.ZBox) and dt.first.zero_bias and (dt.first.low, dt.first.high) == (-1.0, 2.0)
+    assert (
+        isinstance(dt.first, R.ZBox) and dt.first.zero_bias and (dt.first.low, dt.first.high) == (-1.0, 2.0)
+    )
     egb = C.EpsilonGammaBox(0.0, 1.0)
     assert isinstance(egb.first, R.ZBox) and egb.conv == R.Gamma(0.25) and egb.dense == R.Epsilon()
 

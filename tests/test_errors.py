@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import CNN, MLP
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import rules as R
-from models import CNN, MLP
 
 
 class Gated(nn.Module):
@@ -56,7 +56,9 @@ def test_product_of_data_names_primitive_module_and_source_line():
 def test_unknown_primitive_and_explicit_fallback():
     model, x = Sine(), jnp.ones((2, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
-    with pytest.raises(dtd.UnsupportedOperationError, match=r"primitive 'sin'.*unknown operation.*module 'Sine'"):
+    with pytest.raises(
+        dtd.UnsupportedOperationError, match=r"primitive 'sin'.*unknown operation.*module 'Sine'"
+    ):
         dtd.transform(model.apply, R.Epsilon())(variables, x)
     with pytest.raises(dtd.UnsupportedOperationError, match=f"test_errors.py:{_line_of('SINE_LINE')}"):
         dtd.transform(model.apply, R.Epsilon())(variables, x)
@@ -78,8 +80,16 @@ def test_data_dependent_control_flow_is_rejected():
 @pytest.mark.parametrize(
     ("make", "error", "pattern"),
     [
-        (lambda: R.AlphaBeta(2.0, 2.0), ValueError, r"AlphaBeta: alpha - beta must equal 1 .*alpha=2.0, beta=2.0"),
-        (lambda: R.AlphaBeta(0.5, -0.5), ValueError, r"AlphaBeta: beta must be a finite number >= 0, got -0.5"),
+        (
+            lambda: R.AlphaBeta(2.0, 2.0),
+            ValueError,
+            r"AlphaBeta: alpha - beta must equal 1 .*alpha=2.0, beta=2.0",
+        ),
+        (
+            lambda: R.AlphaBeta(0.5, -0.5),
+            ValueError,
+            r"AlphaBeta: beta must be a finite number >= 0, got -0.5",
+        ),
         (lambda: R.Epsilon(-1.0), ValueError, r"Epsilon: epsilon must be a finite number >= 0, got -1.0"),
         (lambda: R.Epsilon(float("nan")), ValueError, r"Epsilon: epsilon must be a finite number >= 0"),
         (lambda: R.Epsilon("0.1"), TypeError, r"Epsilon: epsilon must be a number, got str"),
@@ -87,13 +97,32 @@ def test_data_dependent_control_flow_is_rejected():
         (lambda: R.ZPlus(stabilizer=-1e-6), ValueError, r"ZPlus: stabilizer must be a finite number >= 0"),
         (lambda: R.ZBox(1.0, 0.0), ValueError, r"ZBox: low must be <= high everywhere"),
         (lambda: R.ZBox(None, 1.0), ValueError, r"ZBox: low must be a number or an array, got None"),
-        (lambda: R.ZBox(np.zeros(3), np.ones(4)), ValueError, r"ZBox: low of shape \(3,\) and high of shape \(4,\)"),
+        (
+            lambda: R.ZBox(np.zeros(3), np.ones(4)),
+            ValueError,
+            r"ZBox: low of shape \(3,\) and high of shape \(4,\)",
+        ),
         (lambda: C.DeepTaylor(low=0.0), ValueError, r"DeepTaylor: give both low and high"),
-        (lambda: C.Composite(dense=R.Pass()), TypeError, r"Composite.dense: Pass\(\) cannot act on an affine layer"),
-        (lambda: C.Composite(operations={"sin": R.Epsilon()}), TypeError,
-         r"Composite.operations\['sin'\] must be Pass\(\), Norm\(\) or Gradient\(\)"),
-        (lambda: C.Composite(layers={"*": "zplus"}), TypeError, r"Composite.layers\['\*'\] must be a jaxdtd rule"),
-        (lambda: dtd.transform(lambda x: x, "zplus"), TypeError, r"composite must be a jaxdtd.composites.Composite"),
+        (
+            lambda: C.Composite(dense=R.Pass()),
+            TypeError,
+            r"Composite.dense: Pass\(\) cannot act on an affine layer",
+        ),
+        (
+            lambda: C.Composite(operations={"sin": R.Epsilon()}),
+            TypeError,
+            r"Composite.operations\['sin'\] must be Pass\(\), Norm\(\) or Gradient\(\)",
+        ),
+        (
+            lambda: C.Composite(layers={"*": "zplus"}),
+            TypeError,
+            r"Composite.layers\['\*'\] must be a jaxdtd rule",
+        ),
+        (
+            lambda: dtd.transform(lambda x: x, "zplus"),
+            TypeError,
+            r"composite must be a jaxdtd.composites.Composite",
+        ),
         (lambda: dtd.transform(lambda x: x, R.ZPlus(), argnums=1.5), TypeError, r"argnums must be an int"),
     ],
 )
@@ -112,7 +141,10 @@ def cnn():
 def test_argnums_out_of_range(cnn):
     model, variables, x = cnn
     f = dtd.transform(model.apply, C.EpsilonPlus(), argnums=2)
-    with pytest.raises(ValueError, match=re.escape("argnums=2 is out of range for a function called with 2 positional argument(s)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("argnums=2 is out of range for a function called with 2 positional argument(s)"),
+    ):
         f(variables, x)
     with pytest.raises(ValueError, match="argnums=3 is out of range"):
         dtd.explain(model.apply, variables, x, composite=C.EpsilonPlus(), argnums=3)
@@ -121,7 +153,11 @@ def test_argnums_out_of_range(cnn):
 def test_integer_input_is_rejected(cnn):
     model, variables, _ = cnn
     f = dtd.transform(model.apply, C.EpsilonPlus())
-    with pytest.raises(TypeError, match=r"explained argument 1 has the argument itself of dtype int32; relevance is defined for floating-point inputs"):
+    with pytest.raises(
+        TypeError,
+        match=r"explained argument 1 has the argument itself of dtype int32; "
+        r"relevance is defined for floating-point inputs",
+    ):
         f(variables, jnp.ones((2, 8, 8, 3), jnp.int32))
 
 
@@ -130,8 +166,10 @@ def test_zbox_bounds_that_do_not_broadcast_to_a_sample(cnn):
     f = dtd.transform(model.apply, C.EpsilonGammaBox(jnp.zeros(5), jnp.ones(5)))
     with pytest.raises(
         ValueError,
-        match=re.escape("ZBox: low has shape (5,), which does not broadcast to one sample of shape (8, 8, 3) "
-                        "(layer input of shape (2, 8, 8, 3)) at layer 'CNN/Conv_0' (params/Conv_0/kernel)"),
+        match=re.escape(
+            "ZBox: low has shape (5,), which does not broadcast to one sample of shape (8, 8, 3) "
+            "(layer input of shape (2, 8, 8, 3)) at layer 'CNN/Conv_0' (params/Conv_0/kernel)"
+        ),
     ):
         f(variables, x)
     # per-channel and per-pixel bounds are fine
@@ -141,7 +179,9 @@ def test_zbox_bounds_that_do_not_broadcast_to_a_sample(cnn):
 
 def test_target_shape_must_match(cnn):
     model, variables, x = cnn
-    with pytest.raises(ValueError, match=r"target of shape \(3,\) does not match the output of shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"target of shape \(3,\) does not match the output of shape \(2, 5\)"
+    ):
         dtd.explain(model.apply, variables, x, target=jnp.array([0, 1, 2]), composite=C.EpsilonPlus())
     with pytest.raises(TypeError, match="target must be integer class indices"):
         dtd.explain(model.apply, variables, x, target=jnp.array([0.0, 1.0]), composite=C.EpsilonPlus())
@@ -170,7 +210,11 @@ def test_zero_input_and_dead_network_give_no_nan(cnn, name):
         lambda p, v: jnp.zeros_like(v) if "bias" in jax.tree_util.keystr(p) else v, variables
     )
     dead = jax.tree_util.tree_map_with_path(
-        lambda p, v: -jnp.ones_like(v) if "Conv_0" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p) else v,
+        lambda p, v: (
+            -jnp.ones_like(v)
+            if "Conv_0" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p)
+            else v
+        ),
         variables,
     )
     for v, inputs in ((zero_bias, jnp.zeros_like(x)), (variables, jnp.zeros_like(x)), (dead, x)):

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import CNN, MLP, params_from_flat
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import rules as R
-from models import CNN, MLP, params_from_flat
 
 HERE = pathlib.Path(__file__).parent / "reference"
 LOW, HIGH = -4.0, 4.0
@@ -64,10 +64,24 @@ CASES = [(m, str(c)) for m in MODELS for c in load(m)["cases"]]
 def test_every_preset_and_rule_is_covered():
     for model in MODELS:
         cases = set(load(model)["cases"].tolist())
-        assert {"EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat",
-                "EpsilonGammaBox", "DeepTaylor", "DeepTaylorBox"} <= cases
-        assert {"epsilon", "zplus", "alphabeta_2_1", "gamma_0.25", "wsquare", "flat",
-                "zbox_first_epsilon"} <= cases
+        assert {
+            "EpsilonPlus",
+            "EpsilonPlusFlat",
+            "EpsilonAlpha2Beta1",
+            "EpsilonAlpha2Beta1Flat",
+            "EpsilonGammaBox",
+            "DeepTaylor",
+            "DeepTaylorBox",
+        } <= cases
+        assert {
+            "epsilon",
+            "zplus",
+            "alphabeta_2_1",
+            "gamma_0.25",
+            "wsquare",
+            "flat",
+            "zbox_first_epsilon",
+        } <= cases
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -84,8 +98,11 @@ def test_relevance_matches_zennit(model_name, case):
     variables = params_from_flat({k: v for k, v in golden.items() if k.startswith("params/")})
     x = jnp.asarray(golden["x"])
     relevance, _ = dtd.explain(
-        MODELS[model_name].apply, variables, x,
-        target=jnp.asarray(golden["target"]), composite=case_composite(case, golden),
+        MODELS[model_name].apply,
+        variables,
+        x,
+        target=jnp.asarray(golden["target"]),
+        composite=case_composite(case, golden),
     )
     expected = golden[f"relevance/{case}"]
     error = np.linalg.norm(np.asarray(relevance, np.float64) - expected) / np.linalg.norm(expected)

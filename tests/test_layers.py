@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from matrix_reference import relevance as reference
 
 import jaxdtd as dtd
 from jaxdtd import rules as R
-from matrix_reference import relevance as reference
 
 RULES = {
     "epsilon": (R.Epsilon(1e-6), {}),
@@ -36,33 +36,56 @@ RULES = {
 
 def conv(x, w, *, strides, padding, lhs_dilation=None, rhs_dilation=None, groups=1, spec):
     return jax.lax.conv_general_dilated(
-        x, w, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=spec, feature_group_count=groups,
+        x,
+        w,
+        strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=spec,
+        feature_group_count=groups,
     )
 
 
 rng = np.random.default_rng(0)
 LAYERS = {
     "conv1d_stride2_same": (
-        functools.partial(conv, strides=(2,), padding="SAME", spec=("NWC", "WIO", "NWC")), (2, 7, 2), (3, 2, 3)),
+        functools.partial(conv, strides=(2,), padding="SAME", spec=("NWC", "WIO", "NWC")),
+        (2, 7, 2),
+        (3, 2, 3),
+    ),
     "conv2d_dilated_grouped": (
-        functools.partial(conv, strides=(1, 1), padding=((1, 2), (0, 1)), rhs_dilation=(2, 1), groups=2,
-                          spec=("NHWC", "HWIO", "NHWC")), (2, 5, 4, 4), (2, 2, 2, 4)),
+        functools.partial(
+            conv,
+            strides=(1, 1),
+            padding=((1, 2), (0, 1)),
+            rhs_dilation=(2, 1),
+            groups=2,
+            spec=("NHWC", "HWIO", "NHWC"),
+        ),
+        (2, 5, 4, 4),
+        (2, 2, 2, 4),
+    ),
     "conv2d_depthwise_nchw": (
         functools.partial(conv, strides=(2, 1), padding="SAME", groups=3, spec=("NCHW", "OIHW", "NCHW")),
-        (1, 3, 5, 4), (3, 1, 3, 3)),
+        (1, 3, 5, 4),
+        (3, 1, 3, 3),
+    ),
     "conv3d": (
         functools.partial(conv, strides=(1, 2, 1), padding="SAME", spec=("NDHWC", "DHWIO", "NDHWC")),
-        (1, 3, 4, 3, 2), (2, 2, 2, 2, 2)),
+        (1, 3, 4, 3, 2),
+        (2, 2, 2, 2, 2),
+    ),
     "conv_transpose": (
-        functools.partial(conv, strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2),
-                          spec=("NHWC", "HWIO", "NHWC")), (1, 3, 3, 2), (2, 2, 2, 2)),
-    "dense_two_contractions": (
-        lambda x, w: jnp.einsum("bij,ijk->bk", x, w), (3, 2, 4), (2, 4, 5)),
-    "dense_data_on_rhs": (
-        lambda x, w: jnp.einsum("ki,bi->bk", w, x), (3, 4), (5, 4)),
-    "dense_with_batch_axes": (
-        lambda x, w: jnp.einsum("bti,io->bto", x, w), (2, 3, 4), (4, 3)),
+        functools.partial(
+            conv, strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2), spec=("NHWC", "HWIO", "NHWC")
+        ),
+        (1, 3, 3, 2),
+        (2, 2, 2, 2),
+    ),
+    "dense_two_contractions": (lambda x, w: jnp.einsum("bij,ijk->bk", x, w), (3, 2, 4), (2, 4, 5)),
+    "dense_data_on_rhs": (lambda x, w: jnp.einsum("ki,bi->bk", w, x), (3, 4), (5, 4)),
+    "dense_with_batch_axes": (lambda x, w: jnp.einsum("bti,io->bto", x, w), (2, 3, 4), (4, 3)),
 }
 
 
@@ -99,8 +122,15 @@ def test_layer_rule_matches_explicit_jacobian(layer_name, rule_name):
     M_ones = jacobian_matrix(linear, x, jnp.ones_like(w))
     bias = np.broadcast_to(np.asarray(b), y.shape).reshape(-1)
     R_out = (np.asarray(y, np.float64) * np.asarray(ct, np.float64)).reshape(-1)
-    want = reference(rule_name.split("_")[0].replace("big", ""), np.asarray(x).reshape(-1), M, bias, R_out,
-                     M_ones=M_ones, **kwargs)
+    want = reference(
+        rule_name.split("_")[0].replace("big", ""),
+        np.asarray(x).reshape(-1),
+        M,
+        bias,
+        R_out,
+        M_ones=M_ones,
+        **kwargs,
+    )
     np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
 
 
@@ -118,7 +148,9 @@ def test_flax_dense_general_and_conv_transpose_are_layers():
     variables = model.init(jax.random.PRNGKey(1), x)
     plan = dtd.trace_plan(model.apply, dtd.composites.EpsilonPlus(), (variables, x))
     assert [(layer.module_path, layer.kind, type(rule).__name__) for layer, rule, _ in plan.layer_rules] == [
-        ("Net/dg", "dense", "Epsilon"), ("Net/up", "conv", "ZPlus"), ("Net/out", "dense", "Epsilon")
+        ("Net/dg", "dense", "Epsilon"),
+        ("Net/up", "conv", "ZPlus"),
+        ("Net/out", "dense", "Epsilon"),
     ]
 
 
@@ -136,7 +168,7 @@ custom_double.defvjp(lambda x: (2.0 * x, None), lambda _, g: (2.0 * g,))
         lambda f: f,
         jax.jit,
         jax.checkpoint,
-        lambda f: (lambda x: jax.jit(jax.checkpoint(f))(x)),
+        lambda f: lambda x: jax.jit(jax.checkpoint(f))(x),
     ],
     ids=["plain", "jit", "remat", "jit_of_remat"],
 )

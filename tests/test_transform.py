@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import CNN, MLP
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import rules as R
-from models import CNN, MLP
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,9 @@ def test_jit_of_function_and_of_grad_equals_eager(cnn):
     np.testing.assert_allclose(jax.jit(f)(variables, x), f(variables, x), rtol=1e-6)
     grad = jax.grad(onehot_score(f, variables, 1))
     np.testing.assert_allclose(jax.jit(grad)(x), grad(x), rtol=1e-5, atol=1e-8)
-    jitted_explain = jax.jit(lambda v, x: dtd.explain(model.apply, v, x, target=1, composite=C.DeepTaylor(0.0, 1.0)))
+    jitted_explain = jax.jit(
+        lambda v, x: dtd.explain(model.apply, v, x, target=1, composite=C.DeepTaylor(0.0, 1.0))
+    )
     eager, _ = dtd.explain(model.apply, variables, x, target=1, composite=C.DeepTaylor(0.0, 1.0))
     np.testing.assert_allclose(jitted_explain(variables, x)[0], eager, rtol=1e-5, atol=1e-8)
 
@@ -221,5 +223,5 @@ def test_batchnorm_style_scale_is_folded_into_kernel():
     # folded column 1: w' = (-4, 2); z+ = x1 * 2 = 2; y = (-4 + 1) * 2 + 1 = -5; R_x1 = 1 * 2 * -5 / 2
     np.testing.assert_allclose(relevance, [[0.0, -5.0]], rtol=1e-5)
     plan = dtd.trace_plan(fn, R.ZPlus(), (x,), argnums=0)
-    (layer, rule, why), = plan.layer_rules
+    ((layer, rule, why),) = plan.layer_rules
     assert layer.folds_scale and len(layer.chain) == 3 and why == "dense"
