@@ -162,6 +162,8 @@ class Analysis:
     absorbed: frozenset[int]  # equation indices evaluated as part of a layer (not the last one)
     layer_at: dict[int, AffineLayer]  # last equation index -> layer
     avals: dict[int, Any]
+    uses: dict[int, int]  # variable -> number of uses (operands and program outputs)
+    consumers: dict[int, list[Equation]]  # variable -> equations reading it
 
 
 def _static_value(atom: Any, known: dict[int, Any]) -> Any:
@@ -245,7 +247,10 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
         if sign:
             non_negative.update(eqn.outvars)
 
-    layers, absorbed, layer_at = _find_layers(program, data, non_negative, uses, producer, leaf_names)
+    consumers = _consumers(program)
+    layers, absorbed, layer_at = _find_layers(
+        program, data, non_negative, uses, consumers, producer, leaf_names
+    )
     return Analysis(
         data=frozenset(data),
         non_negative=frozenset(non_negative),
@@ -253,6 +258,8 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
         absorbed=frozenset(absorbed),
         layer_at=layer_at,
         avals=avals,
+        uses=dict(uses),
+        consumers=consumers,
     )
 
 
@@ -265,7 +272,7 @@ def _consumers(program: Program) -> dict[int, list[Equation]]:
     return consumers
 
 
-def _chain_op(eqn: Equation, current: int, data: set[int]) -> ChainOp | None:
+def chain_op(eqn: Equation, current: int, data: set[int] | frozenset[int]) -> ChainOp | None:
     """``eqn`` as a constant-operand op applied to ``current``, or None if it is not one."""
     if eqn.name not in ("add", "sub", "mul", "div") or len(eqn.invars) != 2:
         return None
@@ -291,8 +298,7 @@ def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[
     return all(size == 1 or d in features for d, size in enumerate(padded))
 
 
-def _find_layers(program, data, non_negative, uses, producer, leaf_names):
-    consumers = _consumers(program)
+def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_names):
     layers: list[AffineLayer] = []
     absorbed: set[int] = set()
     layer_at: dict[int, AffineLayer] = {}
@@ -312,7 +318,7 @@ def _find_layers(program, data, non_negative, uses, producer, leaf_names):
             current = eqn.outvars[0]
             while uses[current] == 1 and len(consumers.get(current, [])) == 1:
                 nxt = consumers[current][0]
-                op = _chain_op(nxt, current, data)
+                op = chain_op(nxt, current, data)
                 if op is None:
                     break
                 if op.op in ("mul", "div"):

@@ -22,7 +22,7 @@ import numpy as np
 from . import rules as R
 from .composites import Composite
 from .errors import UnsupportedOperationError
-from .graph import AffineLayer, Analysis
+from .graph import AffineLayer, Analysis, ChainOp, chain_op
 from .trace import Constant, Equation, Program, source_line
 
 __all__ = ["OPERATIONS", "Plan", "evaluate", "plan"]
@@ -158,6 +158,7 @@ class Step:
     equation: Equation
     rule: R.Rule | None = None
     layer: AffineLayer | None = None
+    tail: tuple[ChainOp, ...] = ()  # constant scalings fused into a Norm (average = sum / n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,6 @@ class Plan:
 
 def plan(program: Program, analysis: Analysis, composite: Composite) -> Plan:
     """Decide a rule for every layer and every operation on data; raise for unsupported ones."""
-    steps: list[Step] = []
     layer_rules = []
     for layer in analysis.layers:
         rule, why = composite.rule_for(layer)
@@ -183,35 +183,72 @@ def plan(program: Program, analysis: Analysis, composite: Composite) -> Plan:
             rule.validate_input(layer.input_shape, f"layer '{layer.module_path}' ({layer.param_path})")
         layer_rules.append((layer, rule, why))
     rule_of = {id(layer): rule for layer, rule, _ in layer_rules}
+
+    operations: dict[int, tuple[R.Rule, tuple[ChainOp, ...]]] = {}
+    placed_at: dict[int, int] = {}  # index of the last equation of a fused Norm -> its first
+    fused: set[int] = set()
+    for eqn in program.equations:
+        if eqn.index in analysis.absorbed or eqn.index in analysis.layer_at or eqn.index in fused:
+            continue
+        data = _data_mask(eqn, analysis)
+        if not any(data) or eqn.name == "stop_gradient":
+            continue
+        rule = _operation_rule(eqn, data, composite)
+        tail = _norm_tail(eqn, analysis) if isinstance(rule, R.Norm) else ()
+        operations[eqn.index] = (rule, tail)
+        fused.update(op.equation.index for op in tail)
+        placed_at[tail[-1].equation.index if tail else eqn.index] = eqn.index
+
+    steps: list[Step] = []
     for eqn in program.equations:
         if eqn.index in analysis.absorbed:
             steps.append(Step("skip", eqn))
-            continue
-        layer = analysis.layer_at.get(eqn.index)
-        if layer is not None:
+        elif eqn.index in analysis.layer_at:
+            layer = analysis.layer_at[eqn.index]
             steps.append(Step("layer", eqn, rule_of[id(layer)], layer))
-            continue
-        data = [not isinstance(a, Constant) and a in analysis.data for a in eqn.invars]
-        if not any(data) or eqn.name == "stop_gradient":
+        elif eqn.index in placed_at:
+            first = program.equations[placed_at[eqn.index]]
+            rule, tail = operations[first.index]
+            steps.append(Step("operation", first, rule, tail=tail))
+        elif eqn.index in operations or eqn.index in fused:
+            steps.append(Step("skip", eqn))
+        else:
             steps.append(Step("const", eqn))
-            continue
-        rule = composite.operation_rule(eqn.name)
-        if rule is None:
-            classify = OPERATIONS.get(eqn.name)
-            if classify is None:
-                raise UnsupportedOperationError(
-                    eqn.name, eqn.name_stack, source_line(eqn.source_info), "unknown operation"
-                )
-            rule = classify(eqn, data)
-        if isinstance(rule, R.Pass) and sum(data) != 1:
-            raise UnsupportedOperationError(
-                eqn.name,
-                eqn.name_stack,
-                source_line(eqn.source_info),
-                "Pass() needs exactly one data operand",
-            )
-        steps.append(Step("operation", eqn, rule))
     return Plan(program, analysis, tuple(steps), tuple(layer_rules))
+
+
+def _data_mask(eqn: Equation, analysis: Analysis) -> list[bool]:
+    return [not isinstance(a, Constant) and a in analysis.data for a in eqn.invars]
+
+
+def _operation_rule(eqn: Equation, data: list[bool], composite: Composite) -> R.Rule:
+    rule = composite.operation_rule(eqn.name)
+    if rule is None:
+        classify = OPERATIONS.get(eqn.name)
+        if classify is None:
+            raise UnsupportedOperationError(
+                eqn.name, eqn.name_stack, source_line(eqn.source_info), "unknown operation"
+            )
+        rule = classify(eqn, data)
+    if isinstance(rule, R.Pass) and sum(data) != 1:
+        raise UnsupportedOperationError(
+            eqn.name, eqn.name_stack, source_line(eqn.source_info), "Pass() needs exactly one data operand"
+        )
+    return rule
+
+
+def _norm_tail(eqn: Equation, analysis: Analysis) -> tuple[ChainOp, ...]:
+    """Scalings by constants right after a Norm op (``mean = sum / n``), fused into it so that the
+    Norm divides by the stabilized mean as zennit's Norm on average pooling does."""
+    tail: list[ChainOp] = []
+    current = eqn.outvars[0]
+    while analysis.uses.get(current, 0) == 1 and len(analysis.consumers.get(current, [])) == 1:
+        op = chain_op(analysis.consumers[current][0], current, analysis.data)
+        if op is None or op.op not in ("mul", "div"):
+            break
+        tail.append(op)
+        current = op.equation.outvars[0]
+    return tuple(tail)
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -238,42 +275,57 @@ def _sum_to_shape(r: Any, shape: tuple[int, ...]) -> Any:
     return jnp.sum(r, axis=axes).reshape(shape)
 
 
-def _operation(eqn: Equation, rule: R.Rule, values: list[Any], data: list[bool]) -> list[Any]:
+def _operation(
+    eqn: Equation,
+    rule: R.Rule,
+    values: list[Any],
+    data: list[bool],
+    tail: Sequence[ChainOp],
+    tail_values: list,
+) -> list[Any]:
     if isinstance(rule, R.Gradient):
         return _bind(eqn, values)
     positions = [i for i, d in enumerate(data) if d]
 
-    def forward(data_values, others):
+    def forward(data_values, others, tail_values):
         merged = list(others)
         for i, v in zip(positions, data_values):
             merged[i] = v
-        return _bind(eqn, merged)[0]
+        out = _bind(eqn, merged)[0]
+        for op, c in zip(tail, tail_values):
+            operands = [None, None]
+            operands[1 - op.const_position], operands[op.const_position] = out, c
+            out = _bind(op.equation, operands)[0]
+        return out
 
     @jax.custom_vjp
-    def apply(data_values, others):
-        return forward(data_values, others)
+    def apply(data_values, others, tail_values):
+        return forward(data_values, others, tail_values)
 
-    def apply_fwd(data_values, others):
-        out = forward(data_values, others)
-        return out, (data_values, others, out)
+    def apply_fwd(data_values, others, tail_values):
+        out = forward(data_values, others, tail_values)
+        return out, (data_values, others, tail_values, out)
 
     def apply_bwd(residuals, relevance):
-        data_values, others, out = residuals
-        zeros = jax.tree_util.tree_map(_zero_cotangent, others)
+        data_values, others, tail_values, out = residuals
+        zeros = (
+            jax.tree_util.tree_map(_zero_cotangent, others),
+            [_zero_cotangent(c) for c in tail_values],
+        )
         if isinstance(rule, R.Pass):
             (x,) = data_values
-            return ((_sum_to_shape(relevance, x.shape).astype(x.dtype),), zeros)
+            return ((_sum_to_shape(relevance, x.shape).astype(x.dtype),), *zeros)
         # Norm: R_i = x_i * (df/dx_i)^T (R / stab(f(x)))
         compute = jnp.promote_types(relevance.dtype, jnp.float32)
         s = R.safe_divide(relevance.astype(compute), R.stabilize(out.astype(compute), rule.stabilizer))
-        _, pullback = jax.vjp(lambda *d: forward(d, others), *data_values)
+        _, pullback = jax.vjp(lambda *d: forward(d, others, tail_values), *data_values)
         grads = pullback(s.astype(out.dtype))
-        return (tuple((x * g).astype(x.dtype) for x, g in zip(data_values, grads)), zeros)
+        return (tuple((x * g).astype(x.dtype) for x, g in zip(data_values, grads)), *zeros)
 
     apply.defvjp(apply_fwd, apply_bwd)
-    others = [None if d else v for v, d in zip(values, data)]
-    others = [jnp.asarray(v) if v is not None else None for v in others]
-    return [apply(tuple(values[i] for i in positions), others)]
+    others = [None if d else jnp.asarray(v) for v, d in zip(values, data)]
+    tail_values = [jnp.asarray(c) for c in tail_values]
+    return [apply(tuple(values[i] for i in positions), others, tail_values)]
 
 
 def _fold(layer: AffineLayer, kernel: Any, chain_values: Sequence[Any]) -> tuple[Any, Any]:
@@ -391,8 +443,16 @@ def evaluate(the_plan: Plan, leaves: Sequence[Any]) -> list[Any]:
                 ]
                 outs = [_affine(layer, step.rule, x, kernel, chain_values)]
         else:
-            data = [not isinstance(a, Constant) and a in analysis.data for a in eqn.invars]
-            outs = _operation(eqn, step.rule, [read(a) for a in eqn.invars], data)
+            tail_values = [read(op.equation.invars[op.const_position]) for op in step.tail]
+            outs = _operation(
+                eqn,
+                step.rule,
+                [read(a) for a in eqn.invars],
+                _data_mask(eqn, analysis),
+                step.tail,
+                tail_values,
+            )
+            eqn = step.tail[-1].equation if step.tail else eqn
         env.update(zip(eqn.outvars, outs))
 
     results = []

@@ -25,9 +25,28 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 __all__ = [
-    "q", "sgn", "stab", "pos", "neg", "Affine", "Relevance", "dense", "conv", "pool", "mean_over_space",
-    "epsilon", "zplus", "alpha_beta", "gamma", "zbox", "wsquare", "flat", "norm", "propagate",
-    "add_norm", "relu",
+    "q",
+    "sgn",
+    "stab",
+    "pos",
+    "neg",
+    "Affine",
+    "Relevance",
+    "dense",
+    "conv",
+    "pool",
+    "mean_over_space",
+    "epsilon",
+    "zplus",
+    "alpha_beta",
+    "gamma",
+    "zbox",
+    "wsquare",
+    "flat",
+    "norm",
+    "propagate",
+    "add_norm",
+    "relu",
 ]
 
 Contributions = list[tuple[int, int, Fraction]]
@@ -119,6 +138,7 @@ class Relevance:
 # Layers as taps
 # --------------------------------------------------------------------------------------------------
 
+
 def dense(weight: Sequence[Sequence], bias: Sequence) -> Affine:
     """``x @ W + b`` with ``W`` of shape ``(in, out)``: every input feeds every output."""
     n_in, n_out = len(weight), len(bias)
@@ -197,7 +217,9 @@ def pool(length: int, channels: int, window: int, stride: int, weight=1) -> Affi
     n_out = (length - window) // stride + 1
     taps = tuple(
         ((o * stride + k) * channels + c, o * channels + c, q(weight))
-        for o in range(n_out) for k in range(window) for c in range(channels)
+        for o in range(n_out)
+        for k in range(window)
+        for c in range(channels)
     )
     return Affine(length * channels, n_out * channels, taps, (Fraction(0),) * (n_out * channels))
 
@@ -211,6 +233,7 @@ def mean_over_space(length: int, channels: int) -> Affine:
 # --------------------------------------------------------------------------------------------------
 # Rules for affine layers, as contributions (i, j, c): R_i = sum c * R_j
 # --------------------------------------------------------------------------------------------------
+
 
 def _per_output(layer: Affine, term) -> list[Fraction]:
     """``sum_i term(i, j, w)`` for every output ``j``."""
@@ -345,6 +368,7 @@ def propagate(contributions: Contributions, relevance: Relevance, n_in: int) -> 
 # --------------------------------------------------------------------------------------------------
 # Parameter-free operations
 # --------------------------------------------------------------------------------------------------
+
 
 def relu(z: Sequence[Fraction]) -> list[Fraction]:
     return [pos(v) for v in z]
