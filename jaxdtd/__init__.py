@@ -9,6 +9,7 @@ from . import composites, rules
 from .api import explain, from_nnx, trace_plan, transform
 from .composites import Composite
 from .errors import UnsupportedOperationError
+from .inspect import describe, ledger
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,8 @@ __all__ = [
     "Composite",
     "UnsupportedOperationError",
     "composites",
+    "describe",
+    "ledger",
     "explain",
     "from_nnx",
     "rules",

@@ -63,6 +63,44 @@ def _signature(leaves: Sequence[Any]) -> tuple:
     return tuple(sig)
 
 
+def flat_inputs(args: tuple, resolved: tuple[int, ...]) -> list[Any]:
+    """The flat argument leaves, explained ones checked to be floating point, the others (weights)
+    wrapped in ``stop_gradient`` so that their cotangent is zero."""
+    leaves = []
+    for i, arg in enumerate(args):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            if i in resolved:
+                dtype = jax.typeof(leaf).dtype
+                if not jnp.issubdtype(dtype, jnp.inexact):
+                    where = jax.tree_util.keystr(path) or "the argument itself"
+                    raise TypeError(
+                        f"jaxdtd.transform: explained argument {i} has {where} of dtype {dtype}; "
+                        "relevance is defined for floating-point inputs only "
+                        "(cast with .astype(jnp.float32))"
+                    )
+                leaves.append(leaf)
+            else:
+                leaves.append(jax.lax.stop_gradient(leaf))
+    return leaves
+
+
+def target_cotangent(y: Any, target: Any) -> Any:
+    """``onehot(target)`` shaped like ``y``; ``target=None`` means the arg-max class per sample."""
+    if not hasattr(y, "shape") or y.ndim < 1:
+        raise ValueError(f"explain: fn must return an array of scores (..., classes), got {y!r}")
+    if target is None:
+        target = jnp.argmax(y, axis=-1)
+    target = jnp.asarray(target)
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(f"explain: target must be integer class indices, got dtype {target.dtype}")
+    if target.ndim != 0 and target.shape != y.shape[:-1]:
+        raise ValueError(
+            f"explain: target of shape {target.shape} does not match the output of shape {y.shape}: "
+            f"give one class index per sample, shape {y.shape[:-1]}, or a single index"
+        )
+    return jax.nn.one_hot(jnp.broadcast_to(target, y.shape[:-1]), y.shape[-1], dtype=y.dtype)
+
+
 def trace_plan(fn: Callable, composite: Any, args: tuple, argnums: int | Sequence[int] = 1) -> Plan:
     """Trace ``fn(*args)`` and build its relevance plan (layers, rules, operations)."""
     comp = C.as_composite(composite) or C.Composite()
@@ -118,33 +156,14 @@ def transform(
         resolved = _check_argnums(nums, len(args))
         if comp is None:
             return fn(*args)
-        for n in resolved:
-            with_path, _ = jax.tree_util.tree_flatten_with_path(args[n])
-            for path, leaf in with_path:
-                dtype = jax.typeof(leaf).dtype
-                if not jnp.issubdtype(dtype, jnp.inexact):
-                    where = jax.tree_util.keystr(path) or "the argument itself"
-                    raise TypeError(
-                        f"jaxdtd.transform: explained argument {n} has {where} of dtype {dtype}; "
-                        "relevance is defined for floating-point inputs only "
-                        "(cast with .astype(jnp.float32))"
-                    )
-        leaves, _ = jax.tree_util.tree_flatten(args)
-        key = (jax.tree_util.tree_structure(args), _signature(leaves), resolved)
+        inputs = flat_inputs(args, resolved)
+        key = (jax.tree_util.tree_structure(args), _signature(inputs), resolved)
         the_plan = cache.get(key)
         if the_plan is None:
             the_plan = _build_plan(fn, comp, args, resolved)
             if len(cache) >= _CACHE_SIZE:
                 cache.pop(next(iter(cache)))
             cache[key] = the_plan
-        explained = set()
-        offset = 0
-        for i, arg in enumerate(args):
-            count = len(jax.tree_util.tree_leaves(arg))
-            if i in resolved:
-                explained.update(range(offset, offset + count))
-            offset += count
-        inputs = [leaf if i in explained else jax.lax.stop_gradient(leaf) for i, leaf in enumerate(leaves)]
         outs = evaluate(the_plan, inputs)
         return jax.tree_util.tree_unflatten(the_plan.out_tree, outs)
 
@@ -185,20 +204,7 @@ def explain(
         return f(*full)
 
     y, vjp = jax.vjp(call, *(args[n] for n in nums))
-    if not hasattr(y, "shape") or y.ndim < 1:
-        raise ValueError(f"explain: fn must return an array of scores (..., classes), got {y!r}")
-    if target is None:
-        target = jnp.argmax(y, axis=-1)
-    target = jnp.asarray(target)
-    if not jnp.issubdtype(target.dtype, jnp.integer):
-        raise TypeError(f"explain: target must be integer class indices, got dtype {target.dtype}")
-    if target.ndim != 0 and target.shape != y.shape[:-1]:
-        raise ValueError(
-            f"explain: target of shape {target.shape} does not match the output of shape {y.shape}: "
-            f"give one class index per sample, shape {y.shape[:-1]}, or a single index"
-        )
-    ct = jax.nn.one_hot(jnp.broadcast_to(target, y.shape[:-1]), y.shape[-1], dtype=y.dtype)
-    relevance = vjp(ct)
+    relevance = vjp(target_cotangent(y, target))
     return (relevance[0] if isinstance(argnums, int) else relevance), y
 
 

@@ -412,8 +412,12 @@ def _initial_bwd(y, ct):
 initial_relevance.defvjp(_initial_fwd, _initial_bwd)
 
 
-def evaluate(the_plan: Plan, leaves: Sequence[Any]) -> list[Any]:
-    """Evaluate the plan on the flat argument leaves; returns the flat outputs."""
+def evaluate(the_plan: Plan, leaves: Sequence[Any], probes: Sequence[Any] | None = None) -> list[Any]:
+    """Evaluate the plan on the flat argument leaves; returns the flat outputs.
+
+    ``probes``, one ``(input_probe, output_probe)`` pair of zeros per affine layer, are added to
+    each layer's input (as that layer reads it) and output: the cotangents of the probes are the
+    relevance leaving and entering the layer (see :func:`jaxdtd.inspect.ledger`)."""
     program, analysis = the_plan.program, the_plan.analysis
     env: dict[int, Any] = dict(zip(program.invars, leaves))
 
@@ -428,20 +432,22 @@ def evaluate(the_plan: Plan, leaves: Sequence[Any]) -> list[Any]:
             outs = _bind(eqn, [read(a) for a in eqn.invars])
         elif step.kind == "layer":
             layer = step.layer
+            x = read(layer.input)
+            if probes is not None:
+                x = x + probes[layer.index][0]
             if not isinstance(step.rule, R.AffineRule):  # Gradient / no rule: ordinary evaluation
-                z = _bind(
-                    layer.linear, _operands(layer.linear, layer.data_position, read(layer.input), read)
-                )[0]
+                z = _bind(layer.linear, _operands(layer.linear, layer.data_position, x, read))[0]
                 for op in layer.chain:
                     z = _bind(op.equation, _operands(op.equation, 1 - op.const_position, z, read))[0]
-                outs = [z]
             else:
-                x = read(layer.input)
                 kernel = jnp.asarray(read(layer.kernel_atom))
                 chain_values = [
                     jnp.asarray(read(op.equation.invars[op.const_position])) for op in layer.chain
                 ]
-                outs = [_affine(layer, step.rule, x, kernel, chain_values)]
+                z = _affine(layer, step.rule, x, kernel, chain_values)
+            if probes is not None:
+                z = z + probes[layer.index][1]
+            outs = [z]
         else:
             tail_values = [read(op.equation.invars[op.const_position]) for op in step.tail]
             outs = _operation(
