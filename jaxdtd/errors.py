@@ -18,9 +18,17 @@ class UnsupportedOperationError(NotImplementedError):
         self.source = source
         where = module_path or "<top level>"
         detail = f" ({reason})" if reason else ""
+        hint = ""
+        if "batchnorm" in module_path.lower().replace("_", ""):
+            hint = (
+                " This looks like a BatchNorm in training mode, normalizing with statistics of the batch "
+                "(they depend on the input, so no rule applies): explain in inference mode, i.e. "
+                "nn.BatchNorm(use_running_average=True) in linen or model.eval() in NNX, and jaxdtd folds "
+                "the BatchNorm into the preceding layer."
+            )
         super().__init__(
             f"jaxdtd has no relevance rule for primitive '{primitive}' applied to the explained data"
-            f"{detail}, at module '{where}', {source}. If a parameter-free rule is right for it, "
+            f"{detail}, at module '{where}', {source}.{hint} If a parameter-free rule is right for it, "
             f"assign one explicitly, e.g. Composite(..., operations={{'{primitive}': rules.Gradient()}})"
             f" (or rules.Pass() / rules.Norm())."
         )

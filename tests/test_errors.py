@@ -231,3 +231,43 @@ def test_mlp_dead_relu_gives_no_nan():
         relevance, logits = dtd.explain(model.apply, variables, x, target=1, composite=composite)
         assert np.isfinite(np.asarray(relevance)).all()
         assert (relevance == 0).all()
+
+
+class TrainBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(3, (3, 3))(x)
+        return nn.BatchNorm(use_running_average=False)(x).mean(axis=(1, 2))
+
+
+def test_batchnorm_in_training_mode_says_how_to_switch_it_off():
+    model, x = TrainBN(), jnp.ones((2, 4, 4, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    fn = lambda v, x: model.apply(v, x, mutable=["batch_stats"])[0]
+    with pytest.raises(dtd.UnsupportedOperationError) as info:
+        dtd.transform(fn, C.EpsilonPlus())(variables, x)
+    message = str(info.value)
+    assert "module 'TrainBN/BatchNorm_0'" in message
+    assert "BatchNorm in training mode" in message and "use_running_average=True" in message
+    assert "model.eval()" in message
+
+
+@pytest.mark.parametrize(
+    ("fn", "primitive", "reason"),
+    [
+        (
+            lambda x: jax.lax.while_loop(lambda v: v.sum() < 10.0, lambda v: v * 2.0, x),
+            "while",
+            "data-dependent loop",
+        ),
+        (lambda x: jnp.sort(x, axis=-1), "sort", "sort of data"),
+        (lambda x: x[:, jnp.array([2, 0, 1])], "gather", "data-dependent gather"),
+        (lambda x: jnp.zeros((1, 3)).at[:, jnp.array([0, 1])].set(x[:, :2]), "scatter", "scatter of data"),
+        (lambda x: jnp.exp(x), "exp", "unknown operation"),
+    ],
+    ids=["while", "sort", "gather", "scatter", "exp"],
+)
+def test_unsupported_data_operations(fn, primitive, reason):
+    model = lambda x: fn(x) @ jnp.ones((3, 1))
+    with pytest.raises(dtd.UnsupportedOperationError, match=rf"primitive '{primitive}'.*{reason}"):
+        dtd.transform(model, R.Epsilon(), argnums=0)(jnp.ones((1, 3)))
