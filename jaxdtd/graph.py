@@ -272,8 +272,18 @@ def _consumers(program: Program) -> dict[int, list[Equation]]:
     return consumers
 
 
-def chain_op(eqn: Equation, current: int, data: set[int] | frozenset[int]) -> ChainOp | None:
-    """``eqn`` as a constant-operand op applied to ``current``, or None if it is not one."""
+#: Element-preserving rearrangements allowed between a linear primitive and its bias add (vmapped
+#: Equinox layers transpose the batch axis back before adding the bias).
+VIEWS = {"transpose", "reshape", "squeeze", "expand_dims", "copy", "copy_p"}
+
+
+def chain_op(
+    eqn: Equation, current: int, data: set[int] | frozenset[int], *, views: bool = False
+) -> ChainOp | None:
+    """``eqn`` as a constant-operand op applied to ``current``, or None if it is not one.
+    With ``views``, an element-preserving rearrangement of ``current`` is a ``"view"`` op."""
+    if views and eqn.name in VIEWS and len(eqn.invars) == 1 and eqn.invars[0] == current:
+        return ChainOp(eqn, "view", -1)
     if eqn.name not in ("add", "sub", "mul", "div") or len(eqn.invars) != 2:
         return None
     a, b = eqn.invars
@@ -318,15 +328,20 @@ def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_na
             current = eqn.outvars[0]
             while uses[current] == 1 and len(consumers.get(current, [])) == 1:
                 nxt = consumers[current][0]
-                op = chain_op(nxt, current, data)
+                op = chain_op(nxt, current, data, views=True)
                 if op is None:
                     break
                 if op.op in ("mul", "div"):
+                    if any(o.op == "view" for o in chain):  # scales fold into the kernel only before views
+                        break
                     const_shape = nxt.in_avals[op.const_position].shape
                     if not _scale_is_foldable(eqn, data_position, const_shape):
                         break
                 chain.append(op)
                 current = nxt.outvars[0]
+            while chain and chain[-1].op == "view":  # keep views only when a bias add follows them
+                chain.pop()
+            current = chain[-1].equation.outvars[0] if chain else eqn.outvars[0]
             x = eqn.invars[data_position]
             layer = AffineLayer(
                 index=len(layers),

@@ -328,11 +328,28 @@ def _operation(
     return [apply(tuple(values[i] for i in positions), others, tail_values)]
 
 
+def apply_chain_op(op: ChainOp, z: Any, c: Any) -> Any:
+    """``z (op) c`` for a constant-operand op, or the rearrangement ``view(z)``."""
+    if op.op == "view":
+        return _bind(op.equation, [z])[0]
+    operands = [None, None]
+    operands[1 - op.const_position], operands[op.const_position] = z, c
+    return _bind(op.equation, operands)[0]
+
+
+def chain_value(op: ChainOp, read: Callable) -> Any:
+    """The constant operand of a chain op (``None`` for a view)."""
+    return None if op.op == "view" else jnp.asarray(read(op.equation.invars[op.const_position]))
+
+
 def _fold(layer: AffineLayer, kernel: Any, chain_values: Sequence[Any]) -> tuple[Any, Any]:
-    """The folded kernel and bias of ``layer``: ``z = A(x; kernel) + bias``."""
+    """The folded kernel and bias of ``layer``: ``z = views(A(x; kernel)) + bias``."""
     scale = bias = None
     for op, c in zip(layer.chain, chain_values):
-        if op.op == "add":
+        if op.op == "view":
+            if bias is not None:  # views are linear: view(a + b) = view(a) + view(b)
+                bias = _bind(op.equation, [jnp.broadcast_to(bias, op.equation.in_avals[0].shape)])[0]
+        elif op.op == "add":
             bias = c if bias is None else bias + c
         elif op.op == "sub":
             bias = -c if bias is None else bias - c
@@ -351,17 +368,22 @@ def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_v
     linear = layer.linear
     position = layer.data_position
 
+    views = [op for op in layer.chain if op.op == "view"]
+
     def bind_linear(v, w):
         operands = [None, None]
         operands[position], operands[1 - position] = v, w
-        return _bind(linear, operands)[0]
+        z = _bind(linear, operands)[0]
+        for op in views:
+            z = apply_chain_op(op, z, None)
+        return z
 
     def forward(x, kernel, chain_values):
-        z = bind_linear(x, kernel)
+        operands = [None, None]
+        operands[position], operands[1 - position] = x, kernel
+        z = _bind(linear, operands)[0]
         for op, c in zip(layer.chain, chain_values):
-            operands = [None, None]
-            operands[1 - op.const_position], operands[op.const_position] = z, c
-            z = _bind(op.equation, operands)[0]
+            z = apply_chain_op(op, z, c)
         return z
 
     @jax.custom_vjp
@@ -388,7 +410,7 @@ def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_v
         return (
             r_in,
             _zero_cotangent(kernel),
-            [_zero_cotangent(c) for c in chain_values],
+            [None if c is None else _zero_cotangent(c) for c in chain_values],
         )
 
     apply.defvjp(apply_fwd, apply_bwd)
@@ -438,12 +460,10 @@ def evaluate(the_plan: Plan, leaves: Sequence[Any], probes: Sequence[Any] | None
             if not isinstance(step.rule, R.AffineRule):  # Gradient / no rule: ordinary evaluation
                 z = _bind(layer.linear, _operands(layer.linear, layer.data_position, x, read))[0]
                 for op in layer.chain:
-                    z = _bind(op.equation, _operands(op.equation, 1 - op.const_position, z, read))[0]
+                    z = apply_chain_op(op, z, chain_value(op, read))
             else:
                 kernel = jnp.asarray(read(layer.kernel_atom))
-                chain_values = [
-                    jnp.asarray(read(op.equation.invars[op.const_position])) for op in layer.chain
-                ]
+                chain_values = [chain_value(op, read) for op in layer.chain]
                 z = _affine(layer, step.rule, x, kernel, chain_values)
             if probes is not None:
                 z = z + probes[layer.index][1]
