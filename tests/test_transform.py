@@ -225,3 +225,16 @@ def test_batchnorm_style_scale_is_folded_into_kernel():
     plan = dtd.trace_plan(fn, R.ZPlus(), (x,), argnums=0)
     ((layer, rule, why),) = plan.layer_rules
     assert layer.folds_scale and len(layer.chain) == 3 and why == "dense"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_models_match_float32(cnn, dtype):
+    """Denominators are formed in float32, so bf16/fp16 relevance tracks the float32 relevance."""
+    model, variables, x = cnn
+    low = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables)
+    for comp in (C.EpsilonGammaBox(0.0, 1.0), C.DeepTaylor(0.0, 1.0), C.EpsilonPlusFlat()):
+        r32, _ = dtd.explain(model.apply, variables, x, target=0, composite=comp)
+        r16, y16 = dtd.explain(model.apply, low, x.astype(dtype), target=0, composite=comp)
+        assert r16.dtype == dtype and y16.dtype == dtype
+        error = jnp.linalg.norm(r16.astype(jnp.float32) - r32) / jnp.linalg.norm(r32)
+        assert error < 3e-2, (comp.name, float(error))
