@@ -159,9 +159,7 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch", "Size"): tuple,
 }
-_ALLOWED_GLOBALS.update(
-    {("torch", name): _StorageType(name, code) for name, code in _STORAGE_DTYPES.items()}
-)
+_ALLOWED_GLOBALS.update({("torch", name): _StorageType(name, code) for name, code in _STORAGE_DTYPES.items()})
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -200,7 +198,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _unpickle(file: BinaryIO, storage_for=None) -> Any:
-    return _RestrictedUnpickler(file, storage_for).load()
+    try:
+        return _RestrictedUnpickler(file, storage_for).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise ValueError(f"malformed PyTorch checkpoint: {type(error).__name__}: {error}") from error
 
 
 def _storage_args(args: tuple, n: int) -> tuple:
@@ -216,7 +217,7 @@ def _storage_args(args: tuple, n: int) -> tuple:
 
 def _load_legacy(file: BinaryIO) -> Any:
     try:
-        magic = _unpickle(file)
+        magic = _RestrictedUnpickler(file).load()
     except (pickle.UnpicklingError, EOFError) as error:
         raise ValueError(f"not a PyTorch checkpoint (neither a zip archive nor a pickle): {error}") from None
     if magic != MAGIC_NUMBER:
@@ -238,7 +239,8 @@ def _load_legacy(file: BinaryIO) -> Any:
         (offset, size) = _check_ints("storage view", (offset, size))
         if offset + size > root.numel:
             raise ValueError(f"storage view {view_key!r} reaches past its storage {key!r}")
-        return storages.setdefault(str(view_key), _Storage(str(view_key), dtype, size, root=root, offset=offset))
+        view_key = str(view_key)
+        return storages.setdefault(view_key, _Storage(view_key, dtype, size, root=root, offset=offset))
 
     obj = _unpickle(file, storage_for)
     keys = _unpickle(file)
@@ -302,7 +304,7 @@ def _tensor_array(ref: _TensorRef) -> np.ndarray:
         )
     strides = tuple(s * base.itemsize for s in ref.stride)
     view = np.lib.stride_tricks.as_strided(base[ref.offset :], ref.shape, strides, writeable=False)
-    out = np.array(view, dtype=dtype)
+    out = np.array(view, dtype=dtype, order="C")
     metadata = ref.metadata or {}
     if not isinstance(metadata, Mapping):
         raise ValueError(f"tensor metadata must be a dict, got {metadata!r}")
@@ -320,7 +322,7 @@ def _materialize(obj: Any) -> Any:
     if isinstance(obj, _TensorRef):
         return _tensor_array(obj)
     if isinstance(obj, _Storage):
-        return np.array(obj.array(), dtype=obj.dtype.newbyteorder("="))
+        return np.array(obj.array(), dtype=obj.dtype.newbyteorder("="), order="C")
     if isinstance(obj, dict):
         return type(obj)((k, _materialize(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
@@ -360,8 +362,8 @@ def _flatten(tree: Mapping, prefix: str, out: dict[str, np.ndarray]) -> None:
             out[name] = value
         else:
             raise ValueError(
-                f"entry {name!r} is a {type(value).__name__}, not a tensor; use jaxdtd.models.torch_pickle.load "
-                "for checkpoints that hold more than a state dict"
+                f"entry {name!r} is a {type(value).__name__}, not a tensor; for checkpoints that hold "
+                "more than a state dict use jaxdtd.models.torch_pickle.load"
             )
 
 
@@ -377,7 +379,9 @@ def load_state_dict(path: str | os.PathLike | BinaryIO) -> dict[str, np.ndarray]
     """
     obj = load(path)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict (a mapping of tensors), the checkpoint holds a {type(obj).__name__}")
+        raise ValueError(
+            f"expected a state dict (a mapping of tensors), the file holds a {type(obj).__name__}"
+        )
     out: dict[str, np.ndarray] = {}
     _flatten(obj, "", out)
     return out
