@@ -104,8 +104,21 @@ def ascii_heatmap(relevance: np.ndarray) -> list[str]:
     return ["".join(shades[min(int(v * len(shades)), len(shades) - 1)] * 2 for v in row) for row in r]
 
 
-def run(n_explain: int = 256, epochs: int = 12, verbose: bool = True) -> dict[str, dict[str, float]]:
-    """Train, explain ``n_explain`` test digits, print and return the checks per method."""
+def save_heatmaps(path: Any, digits: np.ndarray, heatmaps: dict[str, np.ndarray], count: int = 8) -> None:
+    """One PNG: a row per digit, columns input then one heatmap per method (needs matplotlib)."""
+    from . import image
+
+    columns = [image.heatmap(digits[:count], cmap="gray", mode="positive")]
+    columns += [image.heatmap(h[:count], cmap="bwr", channel_axis=-1) for h in heatmaps.values()]
+    tiles = np.stack([col[i] for i in range(count) for col in columns])
+    image.save_png(path, image.grid(tiles, columns=len(columns), padding=1), scale=16)
+
+
+def run(
+    n_explain: int = 256, epochs: int = 12, verbose: bool = True, out_dir: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Train, explain ``n_explain`` test digits, print and return the checks per method; with
+    ``out_dir``, also write ``digits_heatmaps.png`` there."""
     start = time.perf_counter()
     model, variables, x_test, y_test, accuracy = train(epochs=epochs, verbose=verbose)
     x, y = jnp.asarray(x_test[:n_explain]), jnp.asarray(y_test[:n_explain])
@@ -127,13 +140,13 @@ def run(n_explain: int = 256, epochs: int = 12, verbose: bool = True) -> dict[st
             "conservation_error": float(jnp.median(jnp.abs(total - score)[positive] / score[positive])),
             "positive_fraction": float((relevance >= 0).mean()),
         }
-        heatmaps[name] = np.asarray(relevance[0, ..., 0])
+        heatmaps[name] = np.asarray(relevance)
     sens = sensitivity(model.apply, variables, x, target)
     results["Sensitivity (grad^2)"] = {
         "conservation_error": float(jnp.median(jnp.abs(sens.reshape(len(x), -1).sum(1) - score) / score)),
         "positive_fraction": float((sens >= 0).mean()),
     }
-    heatmaps["Sensitivity (grad^2)"] = np.asarray(sens[0, ..., 0])
+    heatmaps["Sensitivity (grad^2)"] = np.asarray(sens)
     if verbose:
         print(f"test accuracy: {accuracy:.3f} on {len(y_test)} held-out digits")
         print(f"explained {len(x)} test digits with their predicted class\n")
@@ -143,9 +156,21 @@ def run(n_explain: int = 256, epochs: int = 12, verbose: bool = True) -> dict[st
         print(f"\nheatmaps of test digit 0 (label {int(y[0])}, predicted {int(target[0])}):")
         names = list(heatmaps)
         print("   ".join(f"{n[:16]:<16}" for n in names))
-        rows = [ascii_heatmap(heatmaps[n]) for n in names]
+        rows = [ascii_heatmap(heatmaps[n][0, ..., 0]) for n in names]
         for lines in zip(*rows):
             print("   ".join(lines))
+    if out_dir is not None:
+        import importlib.util
+        import pathlib
+
+        if importlib.util.find_spec("matplotlib") is None:
+            print("(pip install matplotlib to also get the heatmaps as a PNG)")
+        else:
+            path = pathlib.Path(out_dir) / "digits_heatmaps.png"
+            save_heatmaps(path, np.asarray(x), heatmaps)
+            if verbose:
+                print(f"\nheatmaps of 8 test digits (input, {', '.join(heatmaps)}) written to {path}")
+    if verbose:
         print(f"\ndone in {time.perf_counter() - start:.1f} s")
     results["_model"] = {"test_accuracy": accuracy}
     return results
