@@ -149,7 +149,7 @@ def transform(
     """
     comp = C.as_composite(composite)
     nums = _normalize_argnums(argnums)
-    cache: dict[tuple, Plan] = {}
+    cache: dict[tuple, tuple[Plan, Callable]] = {}
 
     @functools.wraps(fn)
     def relevance_fn(*args: Any) -> Any:
@@ -158,13 +158,15 @@ def transform(
             return fn(*args)
         inputs = flat_inputs(args, resolved)
         key = (jax.tree_util.tree_structure(args), _signature(inputs), resolved)
-        the_plan = cache.get(key)
-        if the_plan is None:
+        if key not in cache:
             the_plan = _build_plan(fn, comp, args, resolved)
             if len(cache) >= _CACHE_SIZE:
                 cache.pop(next(iter(cache)))
-            cache[key] = the_plan
-        outs = evaluate(the_plan, inputs)
+            # evaluated as one jitted program: eager calls compile once instead of dispatching (and
+            # compiling) every primitive; under an outer jit/vmap it simply inlines
+            cache[key] = (the_plan, jax.jit(functools.partial(evaluate, the_plan)))
+        the_plan, run = cache[key]
+        outs = run(inputs)
         return jax.tree_util.tree_unflatten(the_plan.out_tree, outs)
 
     return relevance_fn

@@ -288,6 +288,23 @@ class ZBox(AffineRule):
             if np.any(low_a > high_a):
                 raise ValueError("ZBox: low must be <= high everywhere")
 
+    def _key(self) -> tuple:
+        """Value identity of the bounds (so equal rules share caches); traced bounds by identity."""
+        parts = []
+        for bound in (self.low, self.high):
+            if isinstance(bound, jax.core.Tracer):
+                parts.append(id(bound))
+            else:
+                array = np.asarray(bound)
+                parts.append((array.shape, str(array.dtype), array.tobytes()))
+        return (*parts, self.stabilizer, self.zero_bias)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def validate_input(self, shape: tuple[int, ...], where: str) -> None:
         shape = tuple(shape)
         for name in ("low", "high"):
