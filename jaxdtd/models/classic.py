@@ -207,7 +207,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         k, s = self.stem_kernel, self.stem_stride
-        x = nn.Conv(self.width, (k, k), strides=(s, s), padding=_padding(k), use_bias=False, name="stem_conv")(x)
+        x = nn.Conv(
+            self.width, (k, k), strides=(s, s), padding=_padding(k), use_bias=False, name="stem_conv"
+        )(x)
         x = nn.relu(_batch_norm(self.train, "stem_bn")(x))
         if self.stem_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(3))
@@ -302,7 +304,8 @@ class InceptionNet(nn.Module):
 
     conv 3x3 (64) -> ReLU -> 3x3 max pool stride 2 -> inception 3a (256 out) -> inception 3b (480)
     -> 3x3 max pool stride 2 -> inception 4a (512) -> global average pool -> dense ``num_classes``.
-    Channel counts are GoogLeNet's, multiplied by ``width``; 18 + 2 = 20 affine layers.
+    Channel counts are GoogLeNet's, multiplied by ``width``.  Affine layers: 1 + 3 * 6 + 1 = 20
+    (``factorized=True`` adds one 3x3 convolution per block: 23).
     """
 
     num_classes: int = 10
