@@ -8,6 +8,7 @@ Decomposition", Pattern Recognition 2017), so ``jax.grad`` of a class score is i
 from . import composites, rules
 from .api import explain, from_nnx, trace_plan, transform
 from .composites import Composite
+from .dataset import explain_dataset, sharded_explain
 from .errors import UnsupportedOperationError
 from .inspect import describe, ledger
 
@@ -20,8 +21,10 @@ __all__ = [
     "describe",
     "ledger",
     "explain",
+    "explain_dataset",
     "from_nnx",
     "rules",
+    "sharded_explain",
     "trace_plan",
     "transform",
 ]
