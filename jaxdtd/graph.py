@@ -67,10 +67,10 @@ def is_float(aval: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ChainOp:
-    """A constant-operand op after a linear primitive: ``z <- z (op) const``."""
+    """An op after a linear primitive: ``z <- z (op) const``, or a rearrangement ``z <- view(z)``."""
 
     equation: Equation
-    op: str  # "add", "sub", "mul" or "div"
+    op: str  # "add", "sub", "mul", "div" or "view"
     const_position: int
 
 
@@ -110,17 +110,12 @@ class AffineLayer:
         """``kernel * scale`` where ``scale`` (broadcastable to the output) varies only along the
         output features: folds a per-output-channel factor into the weights."""
         out_shape = self.linear.out_avals[0].shape
+        features = _output_feature_dims(self.linear, self.data_position)
         scale = jnp.asarray(scale)
         scale = jnp.reshape(scale, (1,) * (len(out_shape) - scale.ndim) + scale.shape)
-        scale = jnp.broadcast_to(
-            scale,
-            tuple(
-                out_shape[d] if d in _output_feature_dims(self.linear, self.data_position) else 1
-                for d in range(len(out_shape))
-            ),
-        )
-        features = _output_feature_dims(self.linear, self.data_position)
-        vector = jnp.reshape(scale, tuple(out_shape[d] for d in features))
+        # only feature dims may differ from 1 (checked when the layer was built): broadcast, squeeze
+        feature_shape = tuple(out_shape[d] if d in features else 1 for d in range(len(out_shape)))
+        vector = jnp.broadcast_to(scale, feature_shape).reshape(tuple(out_shape[d] for d in features))
         kernel_dims = _kernel_feature_dims(self.linear, self.data_position)
         shape = [1] * kernel.ndim
         for d, size in zip(kernel_dims, vector.shape):
