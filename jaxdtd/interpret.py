@@ -275,6 +275,29 @@ def _sum_to_shape(r: Any, shape: tuple[int, ...]) -> Any:
     return jnp.sum(r, axis=axes).reshape(shape)
 
 
+def with_relevance_vjp(forward: Callable, backward: Callable) -> Callable:
+    """``forward`` with ``backward(args, output, relevance) -> cotangents`` as its VJP.
+
+    The arguments and the output are the residuals; every array reaches the rule as an explicit
+    argument (closing over weights would break differentiation with respect to them)."""
+    function = jax.custom_vjp(forward)
+
+    def fwd(*args):
+        out = forward(*args)
+        return out, (args, out)
+
+    def bwd(residuals, relevance):
+        args, out = residuals
+        return backward(args, out, relevance)
+
+    function.defvjp(fwd, bwd)
+    return function
+
+
+def _zeros_like_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(_zero_cotangent, tree)
+
+
 def _operation(
     eqn: Equation,
     rule: R.Rule,
@@ -283,6 +306,7 @@ def _operation(
     tail: Sequence[ChainOp],
     tail_values: list,
 ) -> list[Any]:
+    """A parameter-free operation (and the constant scalings fused after it) under Pass or Norm."""
     if isinstance(rule, R.Gradient):
         return _bind(eqn, values)
     positions = [i for i, d in enumerate(data) if d]
@@ -293,25 +317,12 @@ def _operation(
             merged[i] = v
         out = _bind(eqn, merged)[0]
         for op, c in zip(tail, tail_values):
-            operands = [None, None]
-            operands[1 - op.const_position], operands[op.const_position] = out, c
-            out = _bind(op.equation, operands)[0]
+            out = apply_chain_op(op, out, c)
         return out
 
-    @jax.custom_vjp
-    def apply(data_values, others, tail_values):
-        return forward(data_values, others, tail_values)
-
-    def apply_fwd(data_values, others, tail_values):
-        out = forward(data_values, others, tail_values)
-        return out, (data_values, others, tail_values, out)
-
-    def apply_bwd(residuals, relevance):
-        data_values, others, tail_values, out = residuals
-        zeros = (
-            jax.tree_util.tree_map(_zero_cotangent, others),
-            [_zero_cotangent(c) for c in tail_values],
-        )
+    def backward(args, out, relevance):
+        data_values, others, tail_values = args
+        zeros = (_zeros_like_tree(others), _zeros_like_tree(tail_values))
         if isinstance(rule, R.Pass):
             (x,) = data_values
             return ((_sum_to_shape(relevance, x.shape).astype(x.dtype),), *zeros)
@@ -322,10 +333,9 @@ def _operation(
         grads = pullback(s.astype(out.dtype))
         return (tuple((x * g).astype(x.dtype) for x, g in zip(data_values, grads)), *zeros)
 
-    apply.defvjp(apply_fwd, apply_bwd)
     others = [None if d else jnp.asarray(v) for v, d in zip(values, data)]
     tail_values = [jnp.asarray(c) for c in tail_values]
-    return [apply(tuple(values[i] for i in positions), others, tail_values)]
+    return [with_relevance_vjp(forward, backward)(tuple(values[i] for i in positions), others, tail_values)]
 
 
 def apply_chain_op(op: ChainOp, z: Any, c: Any) -> Any:
@@ -365,56 +375,41 @@ def _fold(layer: AffineLayer, kernel: Any, chain_values: Sequence[Any]) -> tuple
 
 
 def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_values: list[Any]) -> Any:
-    linear = layer.linear
+    """An affine layer evaluated as in the program, with ``rule`` as its VJP."""
     position = layer.data_position
-
     views = [op for op in layer.chain if op.op == "view"]
 
-    def bind_linear(v, w):
+    def linear(v, w):
         operands = [None, None]
         operands[position], operands[1 - position] = v, w
-        z = _bind(linear, operands)[0]
+        return _bind(layer.linear, operands)[0]
+
+    def linear_with_views(v, w):
+        z = linear(v, w)
         for op in views:
             z = apply_chain_op(op, z, None)
         return z
 
     def forward(x, kernel, chain_values):
-        operands = [None, None]
-        operands[position], operands[1 - position] = x, kernel
-        z = _bind(linear, operands)[0]
+        z = linear(x, kernel)
         for op, c in zip(layer.chain, chain_values):
             z = apply_chain_op(op, z, c)
         return z
 
-    @jax.custom_vjp
-    def apply(x, kernel, chain_values):
-        return forward(x, kernel, chain_values)
-
-    def apply_fwd(x, kernel, chain_values):
-        out = forward(x, kernel, chain_values)
-        return out, (x, kernel, chain_values, out)
-
-    def apply_bwd(residuals, relevance):
-        x, kernel, chain_values, out = residuals
+    def backward(args, out, relevance):
+        x, kernel, chain_values = args
         folded_kernel, bias = _fold(layer, kernel, chain_values)
         r_in = R.affine_relevance(
-            rule,
-            bind_linear,
-            x,
-            folded_kernel,
-            bias,
-            out,
-            relevance,
+            rule, linear_with_views, x, folded_kernel, bias, out, relevance,
             non_negative_input=layer.non_negative_input,
-        )
+        )  # fmt: skip
         return (
             r_in,
             _zero_cotangent(kernel),
             [None if c is None else _zero_cotangent(c) for c in chain_values],
         )
 
-    apply.defvjp(apply_fwd, apply_bwd)
-    return apply(x, kernel, chain_values)
+    return with_relevance_vjp(forward, backward)(x, kernel, chain_values)
 
 
 @jax.custom_vjp
