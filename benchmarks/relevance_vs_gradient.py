@@ -1,25 +1,27 @@
 """Relevance costs what a gradient costs: time and memory of each preset vs ``jax.grad``.
 
-Usage (prints a markdown table)::
+Usage (prints a markdown table per configuration)::
 
-    python benchmarks/relevance_vs_gradient.py [--size 64] [--batch 8] [--repeats 7]
+    python benchmarks/relevance_vs_gradient.py --model vgg16 resnet50 --size 112 224 --batch 4
+    python benchmarks/relevance_vs_gradient.py --model vggish --size 64 --batch 8   # quick
 
-Model: a VGG-style linen CNN (conv3x3 blocks 32-64-128 with max pooling, two dense layers), NHWC.
-Every program is jitted; runs are interleaved after a warm-up; we report median and min wall time,
-the ratio of the median to the input gradient's, trace+compile time, and XLA's memory analysis of
-the compiled program (temporary + output bytes).
+Models come from :mod:`jaxdtd.models` (``vgg16``, ``resnet18``, ``resnet50``, ``efficientnet_lite0``
+with random weights) or ``vggish`` (a small VGG-style CNN defined here).  Every program is jitted;
+after a warm-up the programs run interleaved ``--repeats`` times; we report the median and min wall
+time, the median's ratio to the input gradient's, trace+compile time, XLA's memory analysis of the
+compiled program (temporary + argument + output bytes), and the process's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
@@ -40,27 +42,20 @@ class VGGish(nn.Module):
         return nn.Dense(10)(x)
 
 
-def programs(model, composites):
-    def gradient(v, x):
-        return jax.grad(lambda x: model.apply(v, x)[:, 0].sum())(x)
+def make_model(name: str):
+    from jaxdtd.models import classic, efficientnet
 
-    out = {"forward": lambda v, x: model.apply(v, x), "gradient": gradient}
-    for name, comp in composites.items():
-        out[name] = lambda v, x, comp=comp: dtd.explain(model.apply, v, x, target=0, composite=comp)[0]
-    return out
+    return {
+        "vggish": VGGish,
+        "vgg16": lambda: classic.VGG16(num_classes=1000),
+        "resnet18": lambda: classic.ResNet18(num_classes=1000),
+        "resnet50": lambda: classic.ResNet50(num_classes=1000),
+        "efficientnet_lite0": lambda: efficientnet.EfficientNetLite0(),
+    }[name]()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-
-    model = VGGish()
-    x = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3))
-    variables = model.init(jax.random.PRNGKey(1), x)
-    composites = {
+def presets() -> dict:
+    return {
         "Epsilon": R.Epsilon(),
         "EpsilonPlus": C.EpsilonPlus(),
         "EpsilonPlusFlat": C.EpsilonPlusFlat(),
@@ -68,34 +63,77 @@ def main() -> None:
         "EpsilonAlpha2Beta1": C.EpsilonAlpha2Beta1(),
         "DeepTaylor": C.DeepTaylor(0.0, 1.0),
     }
+
+
+def programs(model) -> dict:
+    def gradient(v, x):
+        return jax.grad(lambda x: model.apply(v, x)[:, 0].sum())(x)
+
+    out = {"forward": lambda v, x: model.apply(v, x), "gradient": gradient}
+    for name, comp in presets().items():
+        out[name] = lambda v, x, comp=comp: dtd.explain(model.apply, v, x, target=0, composite=comp)[0]
+    return out
+
+
+def benchmark(name: str, size: int, batch: int, repeats: int) -> list[str]:
+    model = make_model(name)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (batch, size, size, 3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
     compiled, compile_s, memory = {}, {}, {}
-    for name, fn in programs(model, composites).items():
+    for label, fn in programs(model).items():
         start = time.perf_counter()
-        lowered = jax.jit(fn).lower(variables, x)
-        compiled[name] = lowered.compile()
-        compile_s[name] = time.perf_counter() - start
-        analysis = compiled[name].memory_analysis()
-        memory[name] = (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) if analysis else float("nan")
-        jax.block_until_ready(compiled[name](variables, x))  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    for _ in range(args.repeats):
-        for name, fn in compiled.items():
+        compiled[label] = jax.jit(fn).lower(variables, x).compile()
+        compile_s[label] = time.perf_counter() - start
+        stats = compiled[label].memory_analysis()
+        memory[label] = (
+            stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+            if stats is not None
+            else float("nan")
+        )
+        jax.block_until_ready(compiled[label](variables, x))  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in compiled}
+    for _ in range(repeats):
+        for label, fn in compiled.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(variables, x))
-            times[name].append(time.perf_counter() - start)
-
+            times[label].append(time.perf_counter() - start)
     grad_median = statistics.median(times["gradient"])
-    print(
-        f"VGGish {args.size}x{args.size}x3, batch {args.batch}, {jax.devices()[0].platform}, jax {jax.__version__}, "
-        f"{platform.processor() or platform.machine()}, {jax.local_device_count()} device(s)\n"
-    )
-    print("| program | median ms | min ms | / gradient | trace+compile s | temp+out MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, ts in times.items():
-        print(
-            f"| {name} | {1e3 * statistics.median(ts):.1f} | {1e3 * min(ts):.1f} | "
-            f"{statistics.median(ts) / grad_median:.2f} | {compile_s[name]:.2f} | {memory[name] / 2**20:.1f} |"
+    grad_memory = memory["gradient"]
+    grad_compile = compile_s["gradient"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines = [
+        f"**{name}**, {size}x{size}x3, batch {batch}, {repeats} interleaved runs "
+        f"(process peak RSS {rss:.0f} MiB)",
+        "",
+        "| program | median ms | min ms | / gradient | compile s | / gradient | XLA MiB | / gradient |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, ts in times.items():
+        median = statistics.median(ts)
+        lines.append(
+            f"| {label} | {1e3 * median:.1f} | {1e3 * min(ts):.1f} | {median / grad_median:.2f} | "
+            f"{compile_s[label]:.2f} | {compile_s[label] / grad_compile:.2f} | "
+            f"{memory[label] / 2**20:.1f} | {memory[label] / grad_memory:.2f} |"
         )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", nargs="+", default=["vggish"])
+    parser.add_argument("--size", nargs="+", type=int, default=[64])
+    parser.add_argument("--batch", nargs="+", type=int, default=[8])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+        f"{jax.local_device_count()} device(s), {platform.machine()}, Python {platform.python_version()}, "
+        f"jax {jax.__version__}\n"
+    )
+    for name in args.model:
+        for size in args.size:
+            for batch in args.batch:
+                print("\n".join(benchmark(name, size, batch, args.repeats)) + "\n", flush=True)
 
 
 if __name__ == "__main__":
