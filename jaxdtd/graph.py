@@ -48,6 +48,7 @@ _KEEPS_SIGN = {
     "reduce_sum",
     "reduce_window_sum",
     "concatenate",
+    "stack",
     "select_n",
     "add",
     "add_any",

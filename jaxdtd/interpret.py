@@ -40,6 +40,7 @@ STRUCTURAL = (
     "squeeze",
     "expand_dims",
     "concatenate",
+    "stack",
     "slice",
     "dynamic_slice",
     "pad",

@@ -94,3 +94,11 @@ def test_pad_dropout_residual_concat_mean_without_model_changes():
     logits = model.apply(variables, x)
     relevance, _ = dtd.explain(model.apply, variables, x, target=0, composite=R.Epsilon(0.0))
     np.testing.assert_allclose(relevance.reshape(2, -1).sum(1), logits[:, 0], rtol=1e-5)
+
+
+def test_stack_is_structural():
+    w = jnp.array([[1.0, 2.0], [3.0, -1.0]])
+    fn = lambda x: jnp.stack([x @ w, 2.0 * (x @ w)], axis=-1).reshape(x.shape[0], -1)
+    x = jnp.array([[1.0, 1.0]])
+    relevance, y = dtd.explain(fn, x, target=2, composite=R.Epsilon(0.0), argnums=0)
+    np.testing.assert_allclose(relevance.sum(), y[0, 2], rtol=1e-6)
