@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a CNN on scikit-learn's digits and explain it")
     demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--explain", type=int, default=256, help="number of test digits to explain")
-    demo.add_argument("--out", default=".", help="folder for the heatmap PNGs (needs matplotlib)")
+    demo.add_argument("--out", default="jaxdtd-demo", help="output folder: heatmaps, curves, report.md/json")
     demo.add_argument(
         "--imagenet",
         action="store_true",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import composites
+from . import baselines, composites, evaluate
 from .api import explain
 
 
@@ -90,12 +89,6 @@ def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool =
     return model, variables, x_test, y_test, accuracy
 
 
-def sensitivity(apply_fn: Callable, variables: Any, x: Any, target: Any) -> Any:
-    """Sensitivity analysis: the squared gradient of the target score, ``(d f_c / d x_i)^2``."""
-    grad = jax.grad(lambda x: jnp.take_along_axis(apply_fn(variables, x), target[:, None], -1).sum())(x)
-    return grad**2
-
-
 def ascii_heatmap(relevance: np.ndarray) -> list[str]:
     """An 8x8 relevance map as text, darkest = most relevant."""
     shades = " .:-=+*#%@"
@@ -114,45 +107,121 @@ def save_heatmaps(path: Any, digits: np.ndarray, heatmaps: dict[str, np.ndarray]
     image.save_png(path, image.grid(tiles, columns=len(columns), padding=1), scale=16)
 
 
+def explanations(model: Any, variables: Any, x: Any, target: Any) -> dict[str, Any]:
+    """The demo's methods, each ``(attribution, output)`` for the given targets, jitted."""
+    return {
+        "DeepTaylor (z^B, z+)": jax.jit(
+            lambda v, x: explain(model.apply, v, x, target=target, composite=composites.DeepTaylor(0.0, 1.0))
+        )(variables, x),
+        "EpsilonPlusFlat": jax.jit(
+            lambda v, x: explain(model.apply, v, x, target=target, composite=composites.EpsilonPlusFlat())
+        )(variables, x),
+        "Sensitivity (grad^2)": baselines.sensitivity(model.apply, variables, x, target=target),
+        "Gradient x input": baselines.gradient_x_input(model.apply, variables, x, target=target),
+    }
+
+
+def save_curves(
+    path: Any,
+    curves: dict[str, np.ndarray],
+    xlabel: str = "pixels perturbed (most relevant first; uniform noise)",
+) -> None:
+    """Pixel-flipping curves (mean class score vs regions perturbed) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, curve in curves.items():
+        axis.plot(
+            np.arange(len(curve)),
+            curve.mean(axis=1),
+            label=name,
+            linestyle="--" if "random" in name.lower() else "-",
+        )
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("mean score of the explained class")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# jaxdtd demo report",
+        "",
+        f"{report['date']}: {report['model']} trained on scikit-learn's digits, test accuracy "
+        f"{report['test_accuracy']:.3f}; {report['explained']} test digits explained "
+        "(their predicted class); "
+        f"pixel flipping: {report['flipping']}.",
+        "",
+        "| method | AOPC | median abs(sum R - f_c) / f_c | fraction R >= 0 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, m in report["methods"].items():
+        conservation = "-" if m["conservation_error"] is None else f"{m['conservation_error']:.2e}"
+        positive = "-" if m["positive_fraction"] is None else f"{m['positive_fraction']:.3f}"
+        lines.append(f"| {name} | {m['aopc']:.3f} | {conservation} | {positive} |")
+    lines += ["", "Higher AOPC: the score drops faster when the pixels a method ranks first are perturbed."]
+    return "\n".join(lines) + "\n"
+
+
 def run(
-    n_explain: int = 256, epochs: int = 12, verbose: bool = True, out_dir: str | None = None
-) -> dict[str, dict[str, float]]:
-    """Train, explain ``n_explain`` test digits, print and return the checks per method; with
-    ``out_dir``, also write ``digits_heatmaps.png`` there."""
+    n_explain: int = 256, epochs: int = 12, verbose: bool = True, out_dir: str | None = "jaxdtd-demo"
+) -> dict[str, Any]:
+    """Train, explain ``n_explain`` test digits, evaluate with pixel flipping, print the checks; with
+    ``out_dir`` write ``heatmaps.png``, ``pixel_flipping.png``, ``report.md`` and ``report.json``."""
     start = time.perf_counter()
     model, variables, x_test, y_test, accuracy = train(epochs=epochs, verbose=verbose)
     x, y = jnp.asarray(x_test[:n_explain]), jnp.asarray(y_test[:n_explain])
     logits = model.apply(variables, x)
     target = jnp.argmax(logits, -1)
     score = jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
-    methods = {
-        "DeepTaylor (z^B, z+)": composites.DeepTaylor(low=0.0, high=1.0),
-        "EpsilonPlusFlat": composites.EpsilonPlusFlat(),
-    }
-    results: dict[str, dict[str, float]] = {}
-    heatmaps = {}
-    for name, composite in methods.items():
-        explain_fn = jax.jit(lambda v, x, c=composite: explain(model.apply, v, x, target=target, composite=c))
-        relevance, _ = explain_fn(variables, x)
-        total = relevance.reshape(len(x), -1).sum(1)
-        positive = score > 0
-        results[name] = {
+    positive = score > 0
+    flip = {"region": 1, "perturbation": "uniform", "low": 0.0, "high": 1.0, "repetitions": 4}
+    key = jax.random.PRNGKey(0)
+    methods: dict[str, dict[str, Any]] = {}
+    curves: dict[str, np.ndarray] = {}
+    heatmaps: dict[str, np.ndarray] = {}
+    for name, (attribution, _) in explanations(model, variables, x, target).items():
+        total = attribution.reshape(len(x), -1).sum(1)
+        curve = evaluate.region_perturbation(
+            model.apply, variables, x, attribution=attribution, target=target, key=key, **flip
+        )
+        curves[name] = np.asarray(curve)
+        heatmaps[name] = np.asarray(attribution)
+        methods[name] = {
+            "aopc": float(evaluate.aopc(curve)),
             "conservation_error": float(jnp.median(jnp.abs(total - score)[positive] / score[positive])),
-            "positive_fraction": float((relevance >= 0).mean()),
+            "positive_fraction": float((attribution >= 0).mean()),
         }
-        heatmaps[name] = np.asarray(relevance)
-    sens = sensitivity(model.apply, variables, x, target)
-    results["Sensitivity (grad^2)"] = {
-        "conservation_error": float(jnp.median(jnp.abs(sens.reshape(len(x), -1).sum(1) - score) / score)),
-        "positive_fraction": float((sens >= 0).mean()),
+    random_curve = evaluate.random_baseline(model.apply, variables, x, target=target, key=key, **flip)
+    curves["Random order"] = np.asarray(random_curve)
+    methods["Random order"] = {
+        "aopc": float(evaluate.aopc(random_curve)),
+        "conservation_error": None,
+        "positive_fraction": None,
     }
-    heatmaps["Sensitivity (grad^2)"] = np.asarray(sens)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": "DigitsCNN (Conv16-Conv32-maxpool-Dense64-Dense10)",
+        "test_accuracy": accuracy,
+        "explained": int(len(x)),
+        "flipping": "single pixels, most relevant first, replaced by uniform noise in [0, 1], 4 repetitions, "
+        "AOPC over all 64 steps",
+        "methods": methods,
+    }
     if verbose:
         print(f"test accuracy: {accuracy:.3f} on {len(y_test)} held-out digits")
         print(f"explained {len(x)} test digits with their predicted class\n")
-        print(f"{'method':<24} {'median |sum R - f_c| / f_c':>28} {'fraction R >= 0':>16}")
-        for name, r in results.items():
-            print(f"{name:<24} {r['conservation_error']:>28.2e} {r['positive_fraction']:>16.3f}")
+        print(f"{'method':<24} {'AOPC':>7} {'median |sum R - f_c| / f_c':>28} {'fraction R >= 0':>16}")
+        for name, m in methods.items():
+            conservation = "-" if m["conservation_error"] is None else f"{m['conservation_error']:.2e}"
+            positive_fraction = "-" if m["positive_fraction"] is None else f"{m['positive_fraction']:.3f}"
+            print(f"{name:<24} {m['aopc']:>7.3f} {conservation:>28} {positive_fraction:>16}")
         print(f"\nheatmaps of test digit 0 (label {int(y[0])}, predicted {int(target[0])}):")
         names = list(heatmaps)
         print("   ".join(f"{n[:16]:<16}" for n in names))
@@ -161,16 +230,22 @@ def run(
             print("   ".join(lines))
     if out_dir is not None:
         import importlib.util
+        import json
         import pathlib
 
+        folder = pathlib.Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (folder / "report.md").write_text(report_markdown(report))
+        written = ["report.md", "report.json"]
         if importlib.util.find_spec("matplotlib") is None:
-            print("(pip install matplotlib to also get the heatmaps as a PNG)")
+            print("(pip install matplotlib to also get the heatmaps and curves as PNG)")
         else:
-            path = pathlib.Path(out_dir) / "digits_heatmaps.png"
-            save_heatmaps(path, np.asarray(x), heatmaps)
-            if verbose:
-                print(f"\nheatmaps of 8 test digits (input, {', '.join(heatmaps)}) written to {path}")
+            save_heatmaps(folder / "heatmaps.png", np.asarray(x), heatmaps)
+            save_curves(folder / "pixel_flipping.png", curves)
+            written += ["heatmaps.png", "pixel_flipping.png"]
+        if verbose:
+            print(f"\nwrote {', '.join(written)} to {folder}/")
     if verbose:
-        print(f"\ndone in {time.perf_counter() - start:.1f} s")
-    results["_model"] = {"test_accuracy": accuracy}
-    return results
+        print(f"done in {time.perf_counter() - start:.1f} s")
+    return report
