@@ -112,7 +112,10 @@ class Branch:
     """One modified copy of an affine layer (see the module docstring).
 
     ``bias=None`` drops the bias in this branch.  ``negative_input`` marks branches that vanish
-    when the layer input is non-negative (their input modifier is ``x-``).
+    when the layer input is non-negative (their input modifier is ``x-``).  ``combination=(a, c)``
+    declares that the weight and bias modifiers are ``a w + c w+`` and ``a b + c b+``; on
+    non-negative inputs this lets :func:`affine_relevance` share one forward pass with the positive
+    weights and two transposed passes among all branches (see :func:`_combined_relevance`).
     """
 
     input: Callable[[Array], Array]
@@ -122,6 +125,7 @@ class Branch:
     sign: float = 1.0
     coefficient: float = 1.0
     negative_input: bool = False
+    combination: tuple[float, float] | None = None
 
     @property
     def reproduces_forward(self) -> bool:
@@ -172,7 +176,7 @@ class Epsilon(AffineRule):
         return self.epsilon
 
     def branches(self) -> tuple[Branch, ...]:
-        return (Branch(identity, identity, identity),)
+        return (Branch(identity, identity, identity, combination=(1.0, 0.0)),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +192,7 @@ class ZPlus(AffineRule):
 
     def branches(self) -> tuple[Branch, ...]:
         return (
-            Branch(positive, positive, positive),
+            Branch(positive, positive, positive, combination=(0.0, 1.0)),
             Branch(negative, negative, None, negative_input=True),
         )
 
@@ -214,6 +218,7 @@ class AlphaBeta(AffineRule):
     def branches(self) -> tuple[Branch, ...]:
         a, b = float(self.alpha), float(self.beta)
         return (
+            # no ``combination``: the negative group's denominator y - (A(x; w+) + b+) would cancel
             Branch(positive, positive, positive, group=0, coefficient=a),
             Branch(negative, negative, None, group=0, coefficient=a, negative_input=True),
             Branch(positive, negative, negative, group=1, coefficient=-b),
@@ -238,12 +243,13 @@ class Gamma(AffineRule):
         _check_non_negative("Gamma", gamma=self.gamma, stabilizer=self.stabilizer)
 
     def branches(self) -> tuple[Branch, ...]:
-        up = functools.partial(gamma_modifier, gamma=float(self.gamma), part=positive)
-        down = functools.partial(gamma_modifier, gamma=float(self.gamma), part=negative)
+        g = float(self.gamma)
+        up = functools.partial(gamma_modifier, gamma=g, part=positive)
+        down = functools.partial(gamma_modifier, gamma=g, part=negative)
         return (
-            Branch(positive, up, up, group=0),
+            Branch(positive, up, up, group=0, combination=(1.0, g)),  # w + g w+
             Branch(negative, down, None, group=0, negative_input=True),
-            Branch(positive, down, down, group=1),
+            Branch(positive, down, down, group=1, combination=(1.0 + g, -g)),  # w + g w- = (1+g) w - g w+
             Branch(negative, up, None, group=1, negative_input=True),
         )
 
@@ -407,6 +413,8 @@ def affine_relevance(
     See the module docstring for the formula.
     """
     branches = [b for b in rule.branches() if not (non_negative_input and b.negative_input)]
+    if non_negative_input and _combinable(rule, branches, bias):
+        return _combined_relevance(rule, branches, linear, x, kernel, bias, output, relevance)
     compute = _compute_dtype(relevance.dtype)
     groups: dict[int, Array] = {}
     pullbacks = []
@@ -441,3 +449,70 @@ def affine_relevance(
             term = branch.coefficient * term
         result = term if result is None else result + term
     return result.astype(x.dtype)
+
+
+def _combinable(rule: AffineRule, branches: Sequence[Branch], bias: Array | None) -> bool:
+    """Branches that :func:`_combined_relevance` can evaluate: inputs ``x`` (= ``x+`` here), weights
+    ``a w + c w+``; with the bias dropped only ``a = 0`` (``A(x; w) = y - b`` would cancel)."""
+    for branch in branches:
+        if branch.combination is None or branch.input not in (identity, positive):
+            return False
+        dropped = rule.zero_bias or branch.bias is None
+        if dropped and bias is not None and branch.combination[0] != 0.0:
+            return False
+    return True
+
+
+def _combined_relevance(
+    rule: AffineRule,
+    branches: Sequence[Branch],
+    linear: Callable[[Array, Array], Array],
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    output: Array,
+    relevance: Array,
+) -> Array:
+    """:func:`affine_relevance` for non-negative inputs and branches with weights ``a_k w + c_k w+``.
+
+    By linearity in the weights, with ``y`` the layer output and ``P = A(x; w+) + b+``::
+
+        z_k  = a_k y + c_k P                                   (bias kept)
+        R_in = x * [A^T(sum_k coef_k a_k s_k; w) + A^T(sum_k coef_k c_k s_k; w+)]
+
+    so every rule of this form (Epsilon, z+, alpha-beta, gamma) costs at most one extra forward pass
+    (``A(x; w+)``) and two transposed passes, whatever its number of branches.
+    """
+    compute = _compute_dtype(relevance.dtype)
+    plus_kernel = positive(kernel)
+    need_plus = any(b.combination[1] != 0.0 for b in branches)
+    plus = linear(x, plus_kernel).astype(compute) if need_plus else None
+    bias_plus = None if bias is None else positive(bias).astype(compute)
+    y = output.astype(compute)
+    groups: dict[int, Array] = {}
+    for branch in branches:
+        a, c = branch.combination
+        keep_bias = not rule.zero_bias and branch.bias is not None and bias is not None
+        z_k = 0.0
+        if a != 0.0:
+            z_k = a * (y if (keep_bias or bias is None) else y - bias.astype(compute))
+        if c != 0.0:
+            z_k = z_k + c * (plus + bias_plus if keep_bias else plus)
+        term = branch.sign * z_k
+        groups[branch.group] = term if branch.group not in groups else groups[branch.group] + term
+    masks = rule.masks(output)
+    scaled = {}
+    for group, denominator in groups.items():
+        s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.stabilizer))
+        scaled[group] = s * masks[group] if masks is not None else s
+    result = 0.0
+    for part, weights in ((0, kernel), (1, plus_kernel)):
+        terms = [
+            b.coefficient * b.combination[part] * scaled[b.group] for b in branches if b.combination[part]
+        ]
+        if not terms:  # no branch uses these weights
+            continue
+        transpose = jax.linear_transpose(lambda v, w=weights: linear(v, w), x)
+        (g,) = transpose(sum(terms).astype(relevance.dtype))
+        result = result + g
+    return (x * result).astype(x.dtype)
