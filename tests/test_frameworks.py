@@ -62,9 +62,12 @@ def lax_cnn(params: dict, x: jnp.ndarray) -> jnp.ndarray:
     """The same network with jax.lax primitives only (no Flax)."""
 
     def conv(p, x):
-        return jax.lax.conv_general_dilated(
-            x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        ) + p["b"]
+        return (
+            jax.lax.conv_general_dilated(
+                x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            + p["b"]
+        )
 
     window = (1, 2, 2, 1)
     x = jax.nn.relu(conv(params["conv0"], x))
@@ -235,7 +238,9 @@ GLOBS = {
 def targeted(pattern: str) -> C.Composite:
     """EpsilonGammaBox with Epsilon(0.25) on the layers matching ``pattern``."""
     return C.Composite(
-        first=R.ZBox(0.0, 1.0), conv=R.Gamma(0.25), dense=R.Epsilon(1e-6),
+        first=R.ZBox(0.0, 1.0),
+        conv=R.Gamma(0.25),
+        dense=R.Epsilon(1e-6),
         layers={pattern: R.Epsilon(0.25)},
     )
 
@@ -248,8 +253,9 @@ def test_path_globs_target_the_same_layer_in_every_framework(setup):
         fn, w = fws[name]
         for pattern in patterns:
             plan = jaxdtd.trace_plan(fn, targeted(pattern), (w, x))
-            hits = [(layer.param_path, rule) for layer, rule, why in plan.layer_rules
-                    if why.startswith("layers")]
+            hits = [
+                (layer.param_path, rule) for layer, rule, why in plan.layer_rules if why.startswith("layers")
+            ]
             if pattern == "*1/kernel*":  # also matches conv1: globs match the whole path, '*' spans '/'
                 assert [p for p, _ in hits] == ["conv1/kernel/value", "dense1/kernel/value"]
                 continue

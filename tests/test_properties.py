@@ -126,7 +126,10 @@ def cnn_apply(spec: CNNSpec, params: dict, x: jnp.ndarray, record: list | None =
     """(Conv -> ReLU -> [pool]) x n -> flatten -> [Dense -> ReLU] -> Dense, with jax.lax convolutions."""
     for i, conv in enumerate(spec.convs):
         linear = jax.lax.conv_general_dilated(
-            x, params[f"conv{i}"]["w"], (conv.stride, conv.stride), conv.padding,
+            x,
+            params[f"conv{i}"]["w"],
+            (conv.stride, conv.stride),
+            conv.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if record is not None:
@@ -427,8 +430,10 @@ def test_vmap_of_single_sample_equals_batch(net, name, data):
     fn, params, x, _ = net
     composite = COMPOSITES[name]
     classes = fn(params, x[:1]).shape[-1]
-    targets = jnp.asarray(data.draw(st.lists(st.integers(0, classes - 1), min_size=x.shape[0],
-                                             max_size=x.shape[0])), dtype=jnp.int32)
+    targets = jnp.asarray(
+        data.draw(st.lists(st.integers(0, classes - 1), min_size=x.shape[0], max_size=x.shape[0])),
+        dtype=jnp.int32,
+    )
 
     def explain_one(xi, ci):
         relevance, _ = jaxdtd.explain(fn, params, xi[None], target=ci, composite=composite)
