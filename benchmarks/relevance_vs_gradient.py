@@ -75,10 +75,11 @@ def programs(model) -> dict:
     return out
 
 
-def benchmark(name: str, size: int, batch: int, repeats: int) -> list[str]:
+def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[str]:
     model = make_model(name)
     x = jax.random.uniform(jax.random.PRNGKey(0), (batch, size, size, 3))
     variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    x, variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), (x, variables))
     compiled, compile_s, memory = {}, {}, {}
     for label, fn in programs(model).items():
         start = time.perf_counter()
@@ -102,16 +103,18 @@ def benchmark(name: str, size: int, batch: int, repeats: int) -> list[str]:
     grad_compile = compile_s["gradient"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
-        f"**{name}**, {size}x{size}x3, batch {batch}, {repeats} interleaved runs "
+        f"**{name}**, {size}x{size}x3, {dtype}, batch {batch}, {repeats} interleaved runs "
         f"(process peak RSS {rss:.0f} MiB)",
         "",
-        "| program | median ms | min ms | / gradient | compile s | / gradient | XLA MiB | / gradient |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| program | median ms | min ms | images/s | / gradient | compile s | / gradient "
+        "| XLA MiB | / gradient |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, ts in times.items():
         median = statistics.median(ts)
         lines.append(
-            f"| {label} | {1e3 * median:.1f} | {1e3 * min(ts):.1f} | {median / grad_median:.2f} | "
+            f"| {label} | {1e3 * median:.1f} | {1e3 * min(ts):.1f} | {batch / median:.1f} | "
+            f"{median / grad_median:.2f} | "
             f"{compile_s[label]:.2f} | {compile_s[label] / grad_compile:.2f} | "
             f"{memory[label] / 2**20:.1f} | {memory[label] / grad_memory:.2f} |"
         )
@@ -124,8 +127,17 @@ def main() -> None:
     parser.add_argument("--size", nargs="+", type=int, default=[64])
     parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", nargs="+", default=["float32"], help="float32 and/or bfloat16")
+    parser.add_argument("--out", help="also append the tables to this file")
     args = parser.parse_args()
-    print(
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(text + "\n")
+
+    emit(
         f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
         f"{jax.local_device_count()} device(s), {platform.machine()}, Python {platform.python_version()}, "
         f"jax {jax.__version__}\n"
@@ -133,7 +145,8 @@ def main() -> None:
     for name in args.model:
         for size in args.size:
             for batch in args.batch:
-                print("\n".join(benchmark(name, size, batch, args.repeats)) + "\n", flush=True)
+                for dtype in args.dtype:
+                    emit("\n".join(benchmark(name, size, batch, args.repeats, dtype)) + "\n")
 
 
 if __name__ == "__main__":
