@@ -432,14 +432,7 @@ def affine_relevance(
         groups[branch.group] = term if branch.group not in groups else groups[branch.group] + term
         pullbacks.append((branch, x_k, pullback))
 
-    # masks come from the layer's original output, bias included even with zero_bias (as zennit)
-    masks = rule.masks(output)
-    scaled: dict[int, Array] = {}
-    for group, denominator in groups.items():
-        s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.stabilizer))
-        if masks is not None:
-            s = s * masks[group]
-        scaled[group] = s.astype(relevance.dtype)
+    scaled = {g: s.astype(relevance.dtype) for g, s in _scaled(rule, groups, output, relevance).items()}
 
     result = None
     for branch, x_k, pullback in pullbacks:
@@ -449,6 +442,17 @@ def affine_relevance(
             term = branch.coefficient * term
         result = term if result is None else result + term
     return result.astype(x.dtype)
+
+
+def _scaled(rule: AffineRule, groups: dict[int, Array], output: Array, relevance: Array) -> dict[int, Array]:
+    """``s_g = mask_g * R / stab(zhat_g)`` per denominator group, in at least float32."""
+    # masks come from the layer's original output, bias included even with zero_bias (as zennit)
+    masks = rule.masks(output)
+    scaled = {}
+    for group, denominator in groups.items():
+        s = safe_divide(relevance.astype(denominator.dtype), stabilize(denominator, rule.stabilizer))
+        scaled[group] = s * masks[group] if masks is not None else s
+    return scaled
 
 
 def _combinable(rule: AffineRule, branches: Sequence[Branch], bias: Array | None) -> bool:
@@ -500,11 +504,7 @@ def _combined_relevance(
             z_k = z_k + c * (plus + bias_plus if keep_bias else plus)
         term = branch.sign * z_k
         groups[branch.group] = term if branch.group not in groups else groups[branch.group] + term
-    masks = rule.masks(output)
-    scaled = {}
-    for group, denominator in groups.items():
-        s = safe_divide(relevance.astype(compute), stabilize(denominator, rule.stabilizer))
-        scaled[group] = s * masks[group] if masks is not None else s
+    scaled = _scaled(rule, groups, output, relevance)
     result = 0.0
     for part, weights in ((0, kernel), (1, plus_kernel)):
         terms = [
