@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_cases import CASE_COMPOSITES, HIGH, LOW
 from models import CNN, MLP, params_from_flat
 
 import jaxdtd as dtd
@@ -19,38 +20,13 @@ from jaxdtd import composites as C
 from jaxdtd import rules as R
 
 HERE = pathlib.Path(__file__).parent / "reference"
-LOW, HIGH = -4.0, 4.0
 
 
 def case_composite(case: str, golden) -> object:
-    low, high = golden["zbox_low"], golden["zbox_high"]
-    table = {
-        "epsilon": R.Epsilon(1e-6),
-        "epsilon_0.25": R.Epsilon(0.25),
-        "epsilon_nobias": R.Epsilon(1e-6, zero_bias=True),
-        "zplus": R.ZPlus(),
-        "zplus_nobias": R.ZPlus(zero_bias=True),
-        "alphabeta_2_1": R.AlphaBeta(2.0, 1.0),
-        "alphabeta_1_0": R.AlphaBeta(1.0, 0.0),
-        "gamma_0.25": R.Gamma(0.25),
-        "gamma_1": R.Gamma(1.0),
-        "gamma_nobias": R.Gamma(0.25, zero_bias=True),
-        "wsquare": R.WSquare(),
-        "wsquare_nobias": R.WSquare(zero_bias=True),
-        "flat": R.Flat(),
-        "zbox_first_epsilon": C.Composite(first=R.ZBox(LOW, HIGH), dense=R.Epsilon(), conv=R.Epsilon()),
-        "zbox_array_first_epsilon": C.Composite(
-            first=R.ZBox(jnp.asarray(low), jnp.asarray(high)), dense=R.Epsilon(), conv=R.Epsilon()
-        ),
-        "EpsilonPlus": C.EpsilonPlus(),
-        "EpsilonPlusFlat": C.EpsilonPlusFlat(),
-        "EpsilonAlpha2Beta1": C.EpsilonAlpha2Beta1(),
-        "EpsilonAlpha2Beta1Flat": C.EpsilonAlpha2Beta1Flat(),
-        "EpsilonGammaBox": C.EpsilonGammaBox(LOW, HIGH),
-        "DeepTaylor": C.DeepTaylor(),
-        "DeepTaylorBox": C.DeepTaylor(LOW, HIGH),
-    }
-    return table[case]
+    if case == "zbox_array_first_epsilon":  # bounds stored in the golden file
+        low, high = jnp.asarray(golden["zbox_low"]), jnp.asarray(golden["zbox_high"])
+        return C.Composite(first=R.ZBox(low, high), dense=R.Epsilon(), conv=R.Epsilon())
+    return CASE_COMPOSITES[case]
 
 
 def load(name: str):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_cases import CASE_COMPOSITES as ALL_CASE_COMPOSITES
 from models import CNN, params_from_flat
 
 import jaxdtd as dtd
@@ -40,7 +41,6 @@ from jaxdtd.models.classic import (
 )
 
 HERE = pathlib.Path(__file__).parent / "reference"
-LOW, HIGH = -4.0, 4.0
 BN_EPS = 1e-5
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,18 +251,9 @@ class BNCNN(nn.Module):
 #: with a 1x1 projection, global average pool, head
 TINY_RESNET = ResNet(stage_sizes=(1, 1), num_classes=5, width=4, stem_kernel=3, stem_stride=1)
 GOLDEN_MODELS = {"bn_cnn": BNCNN(), "resnet": TINY_RESNET}
-CASE_COMPOSITES = {
-    "epsilon": R.Epsilon(1e-6),
-    "zplus": R.ZPlus(),
-    "gamma_0.25": R.Gamma(0.25),
-    "EpsilonPlus": C.EpsilonPlus(),
-    "EpsilonPlusFlat": C.EpsilonPlusFlat(),
-    "EpsilonAlpha2Beta1": C.EpsilonAlpha2Beta1(),
-    "EpsilonAlpha2Beta1Flat": C.EpsilonAlpha2Beta1Flat(),
-    "EpsilonGammaBox": C.EpsilonGammaBox(LOW, HIGH),
-    "DeepTaylor": C.DeepTaylor(),
-    "DeepTaylorBox": C.DeepTaylor(LOW, HIGH),
-}
+GOLDEN_CASES = ("epsilon", "zplus", "gamma_0.25", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1",
+                "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox", "DeepTaylor", "DeepTaylorBox")  # fmt: skip
+CASE_COMPOSITES = {case: ALL_CASE_COMPOSITES[case] for case in GOLDEN_CASES}
 
 
 @functools.cache
