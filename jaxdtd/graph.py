@@ -160,6 +160,7 @@ class Analysis:
     avals: dict[int, Any]
     uses: dict[int, int]  # variable -> number of uses (operands and program outputs)
     consumers: dict[int, list[Equation]]  # variable -> equations reading it
+    static: dict[int, Any] = dataclasses.field(default_factory=dict)  # small constants' values
 
 
 def _static_value(atom: Any, known: dict[int, Any]) -> Any:
@@ -256,6 +257,7 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
         avals=avals,
         uses=dict(uses),
         consumers=consumers,
+        static=known,
     )
 
 

@@ -18,12 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 from . import rules as R
 from .composites import Composite
 from .errors import UnsupportedOperationError
 from .graph import AffineLayer, Analysis, ChainOp, chain_op
 from .trace import Constant, Equation, Program, source_line
+from .vanishing import layers_with_vanishing_negative_relevance
 
 __all__ = ["OPERATIONS", "Plan", "evaluate", "plan"]
 
@@ -160,6 +162,7 @@ class Step:
     rule: R.Rule | None = None
     layer: AffineLayer | None = None
     tail: tuple[ChainOp, ...] = ()  # constant scalings fused into a Norm (average = sum / n)
+    positive_output_relevance: bool = False  # layer output relevance is 0 where it is <= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +203,20 @@ def plan(program: Program, analysis: Analysis, composite: Composite) -> Plan:
         fused.update(op.equation.index for op in tail)
         placed_at[tail[-1].equation.index if tail else eqn.index] = eqn.index
 
+    vanishing = layers_with_vanishing_negative_relevance(
+        program,
+        analysis,
+        {layer.index: rule for layer, rule, _ in layer_rules},
+        {index: rule for index, (rule, _) in operations.items()},
+    )
     steps: list[Step] = []
     for eqn in program.equations:
         if eqn.index in analysis.absorbed:
             steps.append(Step("skip", eqn))
         elif eqn.index in analysis.layer_at:
             layer = analysis.layer_at[eqn.index]
-            steps.append(Step("layer", eqn, rule_of[id(layer)], layer))
+            vanishes = layer.index in vanishing
+            steps.append(Step("layer", eqn, rule_of[id(layer)], layer, positive_output_relevance=vanishes))
         elif eqn.index in placed_at:
             first = program.equations[placed_at[eqn.index]]
             rule, tail = operations[first.index]
@@ -375,7 +385,35 @@ def _fold(layer: AffineLayer, kernel: Any, chain_values: Sequence[Any]) -> tuple
     return kernel, bias
 
 
-def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_values: list[Any]) -> Any:
+@custom_vmap
+def _after(value: Any, anchor: Any) -> Any:
+    """``value``, made to depend on one element of ``anchor`` (it adds an exact zero).
+
+    XLA's CPU scheduler (concurrency-optimized) computes everything that depends only on the
+    parameters, such as the rules' modified weights, at the start of the program, so all of them
+    would be alive at once; it drops ``optimization_barrier``.  Tying the weights to the incoming
+    relevance makes each layer's modified weights exist only while its backward runs.  Under
+    ``vmap`` the anchor is batched but ``value`` must not become batched (that would turn every
+    convolution into a grouped one): the batching rule below keeps ``value``'s own batching.
+    """
+    first = jax.lax.stop_gradient(anchor.reshape(-1)[0])
+    zero = jnp.where(jnp.isfinite(first), first, 0).astype(value.dtype) * 0
+    return value + zero
+
+
+@_after.def_vmap
+def _after_vmap(axis_size: int, in_batched: Sequence[bool], value: Any, anchor: Any) -> tuple[Any, bool]:
+    return _after(value, anchor), in_batched[0]
+
+
+def _affine(
+    layer: AffineLayer,
+    rule: R.AffineRule,
+    x: Any,
+    kernel: Any,
+    chain_values: list[Any],
+    positive_output_relevance: bool = False,
+) -> Any:
     """An affine layer evaluated as in the program, with ``rule`` as its VJP."""
     position = layer.data_position
     views = [op for op in layer.chain if op.op == "view"]
@@ -399,10 +437,12 @@ def _affine(layer: AffineLayer, rule: R.AffineRule, x: Any, kernel: Any, chain_v
 
     def backward(args, out, relevance):
         x, kernel, chain_values = args
+        kernel = _after(kernel, relevance)
         folded_kernel, bias = _fold(layer, kernel, chain_values)
         r_in = R.affine_relevance(
             rule, linear_with_views, x, folded_kernel, bias, out, relevance,
             non_negative_input=layer.non_negative_input,
+            positive_output_relevance=positive_output_relevance,
         )  # fmt: skip
         return (
             r_in,
@@ -460,7 +500,7 @@ def evaluate(the_plan: Plan, leaves: Sequence[Any], probes: Sequence[Any] | None
             else:
                 kernel = jnp.asarray(read(layer.kernel_atom))
                 chain_values = [chain_value(op, read) for op in layer.chain]
-                z = _affine(layer, step.rule, x, kernel, chain_values)
+                z = _affine(layer, step.rule, x, kernel, chain_values, step.positive_output_relevance)
             if probes is not None:
                 z = z + probes[layer.index][1]
             outs = [z]

@@ -146,6 +146,11 @@ class AffineRule(Rule):
         """Optional per-group masks on the layer's original output ``z`` (used by :class:`Gamma`)."""
         return None
 
+    def negative_output_groups(self) -> frozenset[int]:
+        """Groups whose mask is 0 wherever ``z > 0``: they receive no relevance when the relevance
+        of the layer's output vanishes wherever ``z <= 0`` (a layer followed by a ReLU)."""
+        return frozenset()
+
     def validate_input(self, shape: tuple[int, ...], where: str) -> None:
         """Raise a clear error if the rule cannot act on a layer input of this shape."""
 
@@ -255,6 +260,9 @@ class Gamma(AffineRule):
 
     def masks(self, output: Array) -> Sequence[Array]:
         return (output > 0, output < 0)
+
+    def negative_output_groups(self) -> frozenset[int]:
+        return frozenset({1})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -405,14 +413,23 @@ def affine_relevance(
     relevance: Array,
     *,
     non_negative_input: bool = False,
+    positive_output_relevance: bool = False,
 ) -> Array:
     """Input relevance of an affine layer ``z = linear(x, kernel) + bias`` under ``rule``.
 
     ``output`` is the layer's forward value ``z`` and ``relevance`` the relevance ``R`` of its
     outputs.  ``linear`` must be linear in its first argument (a ``dot_general`` or a convolution).
-    See the module docstring for the formula.
+    See the module docstring for the formula.  Two facts proven by the caller let it skip work
+    whose result is exactly zero: ``non_negative_input`` (``x >= 0``: the ``x-`` branches vanish)
+    and ``positive_output_relevance`` (``R = 0`` wherever ``z <= 0``: the groups of
+    :meth:`AffineRule.negative_output_groups` vanish).
     """
-    branches = [b for b in rule.branches() if not (non_negative_input and b.negative_input)]
+    dropped_groups = rule.negative_output_groups() if positive_output_relevance else frozenset()
+    branches = [
+        b
+        for b in rule.branches()
+        if not (non_negative_input and b.negative_input) and b.group not in dropped_groups
+    ]
     if non_negative_input and _combinable(rule, branches, bias):
         return _combined_relevance(rule, branches, linear, x, kernel, bias, output, relevance)
     compute = _compute_dtype(relevance.dtype)
@@ -484,8 +501,11 @@ def _combined_relevance(
         z_k  = a_k y + c_k P                                   (bias kept)
         R_in = x * [A^T(sum_k coef_k a_k s_k; w) + A^T(sum_k coef_k c_k s_k; w+)]
 
-    so every rule of this form (Epsilon, z+, alpha-beta, gamma) costs at most one extra forward pass
-    (``A(x; w+)``) and two transposed passes, whatever its number of branches.
+    so every rule of this form (Epsilon, z+, gamma) costs at most one extra forward pass
+    (``A(x; w+)``) and two transposed passes, whatever its number of branches.  With a single
+    denominator group (``s_k = s``) the two transposed passes are one, with the weights
+    ``(sum_k coef_k a_k) w + (sum_k coef_k c_k) w+``: gamma on a layer followed by a ReLU costs what
+    z+ costs.
     """
     compute = _compute_dtype(relevance.dtype)
     plus_kernel = positive(kernel)
@@ -505,6 +525,17 @@ def _combined_relevance(
         term = branch.sign * z_k
         groups[branch.group] = term if branch.group not in groups else groups[branch.group] + term
     scaled = _scaled(rule, groups, output, relevance)
+    if len(scaled) == 1:
+        (s,) = scaled.values()
+        a = sum(b.coefficient * b.combination[0] for b in branches)
+        c = sum(b.coefficient * b.combination[1] for b in branches)
+        weights = kernel if c == 0.0 else plus_kernel if a == 0.0 else a * kernel + c * plus_kernel
+        factor = a if c == 0.0 else c if a == 0.0 else 1.0
+        if factor != 1.0:
+            s = factor * s
+        transpose = jax.linear_transpose(lambda v: linear(v, weights), x)
+        (g,) = transpose(s.astype(relevance.dtype))
+        return (x * g).astype(x.dtype)
     result = 0.0
     for part, weights in ((0, kernel), (1, plus_kernel)):
         terms = [

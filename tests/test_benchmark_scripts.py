@@ -1,4 +1,4 @@
-"""benchmarks/gpu.sh runs end to end (its tiny CPU configuration) and writes a results table."""
+"""The benchmark scripts run end to end (tiny CPU configurations) and print their tables."""
 
 from __future__ import annotations
 
@@ -23,3 +23,18 @@ def test_gpu_script_tiny_config_on_cpu(tmp_path):
         assert f"**vggish**, 16x16x3, {dtype}, batch 2" in text
     for program in ("gradient", "EpsilonPlusFlat", "EpsilonGammaBox", "DeepTaylor"):
         assert f"| {program} |" in text
+
+
+def test_memory_breakdown_tiny_model():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory_breakdown.py"), "--model", "vggish",
+         "--size", "16", "--batch", "2"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    labels = [row.split("|")[1].strip() for row in rows[1:]]
+    assert labels == ["forward", "gradient", "Epsilon", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonGammaBox",
+                      "EpsilonAlpha2Beta1", "DeepTaylor"]  # fmt: skip
+    gradient = rows[2].split("|")
+    assert float(gradient[6]) == 1.0 and float(gradient[9]) == 1.0  # ratios to itself
