@@ -13,7 +13,9 @@ Montavon et al. 2017, Sec. 4-5)::
 where ``A^T`` is the transposed linear map (the VJP of the layer with weights ``w_k``).  The
 notation and each rule's formula are in ``shared/reference/rules.md``; the semantics are those of
 zennit 1.0.  Branches whose input is ``x- = min(x, 0)`` are skipped when the layer input is provably
-non-negative (it comes out of a ReLU): that is the main saving over zennit.
+non-negative (it comes out of a ReLU), and gamma's group for negative outputs when the output's
+relevance provably vanishes wherever ``z <= 0`` (the layer feeds a ReLU; :mod:`jaxdtd.vanishing`):
+those are the main savings over zennit.  Both skip exact zeros; the result is the same.
 
 Parameter-free operations get :class:`Pass`, :class:`Norm` or :class:`Gradient`.
 """
@@ -510,7 +512,10 @@ def _combined_relevance(
     compute = _compute_dtype(relevance.dtype)
     plus_kernel = positive(kernel)
     need_plus = any(b.combination[1] != 0.0 for b in branches)
-    plus = linear(x, plus_kernel).astype(compute) if need_plus else None
+    # x+ = x here; forming it anew lets XLA lay the convolution's input out when the backward
+    # needs it instead of keeping a second layout of x alive from the forward pass (ResNet-50:
+    # temp memory 1.7x -> 1.0x that of the gradient with the plain scheduler)
+    plus = linear(positive(x), plus_kernel).astype(compute) if need_plus else None
     bias_plus = None if bias is None else positive(bias).astype(compute)
     y = output.astype(compute)
     groups: dict[int, Array] = {}

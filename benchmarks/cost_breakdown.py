@@ -1,8 +1,12 @@
-"""Where the memory goes: XLA's memory analysis of the gradient and of each preset's program.
+"""Where the time and memory go: XLA's cost and memory analyses of the gradient and of each preset.
 
 Usage (prints one markdown table per model)::
 
-    python benchmarks/memory_breakdown.py --model vgg16 resnet50 --size 112 --batch 4
+    python benchmarks/cost_breakdown.py --model vgg16 resnet50 --size 112 --batch 4
+
+Work: the floating-point operations and the bytes accessed that XLA's cost analysis counts in the
+compiled program, and their ratio to the input gradient's (a profile that does not depend on timing
+noise: the relevance programs' extra convolutions show up here).
 
 For each program (jitted input gradient, every preset of ``relevance_vs_gradient.py``) it reports the
 temporary, argument and output bytes of the compiled program, under XLA's default CPU scheduler and
@@ -35,11 +39,16 @@ def measure(model: str, size: int, batch: int) -> dict[str, list[float]]:
     variables = jax.jit(net.init)(jax.random.PRNGKey(1), x)
     result = {}
     for label, fn in programs(net).items():
-        stats = jax.jit(fn).lower(variables, x).compile().memory_analysis()
+        compiled = jax.jit(fn).lower(variables, x).compile()
+        stats = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
         result[label] = [
             stats.temp_size_in_bytes / 2**20,
             stats.argument_size_in_bytes / 2**20,
             stats.output_size_in_bytes / 2**20,
+            cost.get("flops", float("nan")) / 1e9,
+            cost.get("bytes accessed", float("nan")) / 1e9,
         ]
     return result
 
@@ -69,20 +78,23 @@ def main() -> None:
     for model in args.model:
         default = run_child(model, args.size, args.batch, "")
         plain = run_child(model, args.size, args.batch, FLAG)
-        g_default = sum(default["gradient"])
-        g_plain = sum(plain["gradient"])
-        print(f"**{model}**, {args.size}x{args.size}x3, batch {args.batch} (MiB)\n")
+        g_default = sum(default["gradient"][:3])
+        g_plain = sum(plain["gradient"][:3])
+        g_flops, g_bytes = default["gradient"][3:]
+        print(f"**{model}**, {args.size}x{args.size}x3, batch {args.batch} (memory in MiB)\n")
         print(
-            "| program | temp | arguments | output | total | / gradient "
-            "| temp, scheduler flag | total, scheduler flag | / gradient |"
+            "| program | GFLOP | / gradient | GB accessed | / gradient | temp | arguments | output | total "
+            "| / gradient | temp, scheduler flag | total, scheduler flag | / gradient |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for label, (temp, argument, output) in default.items():
+        print("|---|" + "---:|" * 12)
+        for label, (temp, argument, output, flops, accessed) in default.items():
             total = temp + argument + output
-            p_total = sum(plain[label])
+            p_total = sum(plain[label][:3])
             print(
-                f"| {label} | {temp:.1f} | {argument:.1f} | {output:.1f} | {total:.1f} | "
-                f"{total / g_default:.2f} | {plain[label][0]:.1f} | {p_total:.1f} | {p_total / g_plain:.2f} |"
+                f"| {label} | {flops:.2f} | {flops / g_flops:.2f} "
+                f"| {accessed:.2f} | {accessed / g_bytes:.2f} "
+                f"| {temp:.1f} | {argument:.1f} | {output:.1f} | {total:.1f} | {total / g_default:.2f} "
+                f"| {plain[label][0]:.1f} | {p_total:.1f} | {p_total / g_plain:.2f} |"
             )
         print(flush=True)
 
