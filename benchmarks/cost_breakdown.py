@@ -32,11 +32,9 @@ def measure(model: str, size: int, batch: int) -> dict[str, list[float]]:
     import jax
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from relevance_vs_gradient import make_model, programs
+    from relevance_vs_gradient import programs, setup
 
-    net = make_model(model)
-    x = jax.random.uniform(jax.random.PRNGKey(0), (batch, size, size, 3))
-    variables = jax.jit(net.init)(jax.random.PRNGKey(1), x)
+    net, variables, x = setup(model, size, batch)
     result = {}
     for label, fn in programs(net).items():
         compiled = jax.jit(fn).lower(variables, x).compile()

@@ -75,11 +75,17 @@ def programs(model) -> dict:
     return out
 
 
-def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[str]:
+def setup(name: str, size: int, batch: int, dtype: str = "float32"):
+    """The model, its random variables and a uniform ``(batch, size, size, 3)`` input, in ``dtype``."""
     model = make_model(name)
     x = jax.random.uniform(jax.random.PRNGKey(0), (batch, size, size, 3))
     variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
     x, variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), (x, variables))
+    return model, variables, x
+
+
+def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[str]:
+    model, variables, x = setup(name, size, batch, dtype)
     compiled, compile_s, memory = {}, {}, {}
     for label, fn in programs(model).items():
         start = time.perf_counter()

@@ -24,9 +24,47 @@ import numpy as np
 
 from .trace import Constant, Equation, Program
 
-__all__ = ["AffineLayer", "Analysis", "ChainOp", "analyse"]
+__all__ = ["STRUCTURAL", "AffineLayer", "Analysis", "ChainOp", "analyse"]
 
 LINEAR_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
+
+#: Parameter-free primitives whose relevance is their gradient: rearrangements, selections and max
+#: pooling route relevance to the input entries their outputs copy (rules.md).
+STRUCTURAL = (
+    "reshape",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "concatenate",
+    "stack",
+    "slice",
+    "dynamic_slice",
+    "pad",
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "rev",
+    "select_n",
+    "reduce_precision",
+    "sharding_constraint",
+    "split",
+    "optimization_barrier",
+    # max pooling and friends: winner takes all (gradient), rules.md
+    "reduce_max",
+    "reduce_min",
+    "reduce_window_max",
+    "reduce_window_min",
+    "argmax",
+    "argmin",
+    # comparisons produce booleans that carry no relevance
+    "eq",
+    "ne",
+    "gt",
+    "ge",
+    "lt",
+    "le",
+)
 
 #: Operations through which non-negativity is preserved when all data operands are non-negative.
 _KEEPS_SIGN = {

@@ -23,7 +23,7 @@ from jax.custom_batching import custom_vmap
 from . import rules as R
 from .composites import Composite
 from .errors import UnsupportedOperationError
-from .graph import AffineLayer, Analysis, ChainOp, chain_op
+from .graph import STRUCTURAL, AffineLayer, Analysis, ChainOp, chain_op
 from .trace import Constant, Equation, Program, source_line
 from .vanishing import layers_with_vanishing_negative_relevance
 
@@ -34,42 +34,6 @@ Classifier = Callable[[Equation, Sequence[bool]], R.Rule]
 _GRADIENT = R.Gradient()
 _PASS = R.Pass()
 _NORM = R.Norm()
-
-STRUCTURAL = (
-    "reshape",
-    "transpose",
-    "broadcast_in_dim",
-    "squeeze",
-    "expand_dims",
-    "concatenate",
-    "stack",
-    "slice",
-    "dynamic_slice",
-    "pad",
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "rev",
-    "select_n",
-    "reduce_precision",
-    "sharding_constraint",
-    "split",
-    "optimization_barrier",
-    # max pooling and friends: winner takes all (gradient), rules.md
-    "reduce_max",
-    "reduce_min",
-    "reduce_window_max",
-    "reduce_window_min",
-    "argmax",
-    "argmin",
-    # comparisons produce booleans that carry no relevance
-    "eq",
-    "ne",
-    "gt",
-    "ge",
-    "lt",
-    "le",
-)
 
 
 def _always(rule: R.Rule) -> Classifier:

@@ -27,41 +27,15 @@ from typing import Any
 import numpy as np
 
 from . import rules as R
-from .graph import AffineLayer, Analysis, is_float
+from .graph import STRUCTURAL, AffineLayer, Analysis, is_float
 from .trace import Constant, Equation, Program
 
 __all__ = ["layers_with_vanishing_negative_relevance", "scales_with_input"]
 
-#: Operations whose every output entry is a copy of one input entry (their gradient routes the
-#: relevance of an output entry to the input entry it equals), and selections by value.
-_ROUTING = {
-    "reshape",
-    "transpose",
-    "broadcast_in_dim",
-    "squeeze",
-    "expand_dims",
-    "concatenate",
-    "stack",
-    "slice",
-    "dynamic_slice",
-    "pad",
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "rev",
-    "select_n",
-    "reduce_precision",
-    "sharding_constraint",
-    "split",
-    "optimization_barrier",
-    "reduce_max",
-    "reduce_min",
-    "reduce_window_max",
-    "reduce_window_min",
-    "max",
-    "min",
-    "clamp",
-}
+#: Operations whose gradient routes the relevance of an output entry only to input entries equal to
+#: it: the structural ones (comparisons and argmax among them carry no relevance at all) and
+#: max/min/clamp when they get the gradient instead of Pass.
+_ROUTING = frozenset(STRUCTURAL) | {"max", "min", "clamp"}
 
 
 def scales_with_input(rule: R.Rule | None) -> bool:
@@ -78,7 +52,7 @@ def _keeps_zero(eqn: Equation, v: int, constant: Callable[[Any], np.ndarray | No
     if name in ("tanh", "neg"):
         return True
     others = [a for a in eqn.invars if a != v]
-    if name in ("mul",) or (name == "div" and eqn.invars[0] == v):
+    if name == "mul" or (name == "div" and eqn.invars[0] == v):
         return True
     if name in ("max", "min") and len(others) == 1:
         c = constant(others[0])
