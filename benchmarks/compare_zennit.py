@@ -393,7 +393,7 @@ def benchmark(name: str, size: int, batch: int, repeats: int, warmup: int, check
         times = {label: ([], []) for label in jax_programs}
         for _ in range(repeats):
             for label in jax_programs:
-                for fn, ts in zip((run_zennit, run_jax), times[label]):
+                for fn, ts in zip((run_zennit, run_jax), times[label], strict=True):
                     start = time.perf_counter()
                     fn(label)
                     ts.append(time.perf_counter() - start)

@@ -8,7 +8,9 @@ Usage (prints a markdown table per configuration)::
 Models come from :mod:`jaxdtd.models` (``vgg16``, ``resnet18``, ``resnet50``, ``efficientnet_lite0``
 with random weights) or ``vggish`` (a small VGG-style CNN defined here).  Every program is jitted;
 after a warm-up the programs run interleaved ``--repeats`` times; we report the median and min wall
-time, the median's ratio to the input gradient's, trace+compile time, XLA's memory analysis of the
+time, the median's ratio to the input gradient's, trace+compile time (and, in the last columns, split
+into tracing with lowering -- jaxdtd's analysis and plan included -- and XLA's compilation), XLA's
+memory analysis of the
 compiled program (temporary + argument + output bytes), and the process's peak RSS.
 """
 
@@ -86,10 +88,12 @@ def setup(name: str, size: int, batch: int, dtype: str = "float32"):
 
 def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[str]:
     model, variables, x = setup(name, size, batch, dtype)
-    compiled, compile_s, memory = {}, {}, {}
+    compiled, compile_s, trace_s, memory = {}, {}, {}, {}
     for label, fn in programs(model).items():
         start = time.perf_counter()
-        compiled[label] = jax.jit(fn).lower(variables, x).compile()
+        lowered = jax.jit(fn).lower(variables, x)  # trace (jaxdtd's analysis and plan included) + lower
+        trace_s[label] = time.perf_counter() - start
+        compiled[label] = lowered.compile()
         compile_s[label] = time.perf_counter() - start
         stats = compiled[label].memory_analysis()
         memory[label] = (
@@ -107,14 +111,15 @@ def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "floa
     grad_median = statistics.median(times["gradient"])
     grad_memory = memory["gradient"]
     grad_compile = compile_s["gradient"]
+    xla_s = {label: compile_s[label] - trace_s[label] for label in compile_s}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         f"**{name}**, {size}x{size}x3, {dtype}, batch {batch}, {repeats} interleaved runs "
         f"(process peak RSS {rss:.0f} MiB)",
         "",
         "| program | median ms | min ms | images/s | / gradient | compile s | / gradient "
-        "| XLA MiB | / gradient |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| XLA MiB | / gradient | trace s | / gradient | XLA compile s | / gradient |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, ts in times.items():
         median = statistics.median(ts)
@@ -122,7 +127,9 @@ def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "floa
             f"| {label} | {1e3 * median:.1f} | {1e3 * min(ts):.1f} | {batch / median:.1f} | "
             f"{median / grad_median:.2f} | "
             f"{compile_s[label]:.2f} | {compile_s[label] / grad_compile:.2f} | "
-            f"{memory[label] / 2**20:.1f} | {memory[label] / grad_memory:.2f} |"
+            f"{memory[label] / 2**20:.1f} | {memory[label] / grad_memory:.2f} | "
+            f"{trace_s[label]:.2f} | {trace_s[label] / trace_s['gradient']:.2f} | "
+            f"{xla_s[label]:.2f} | {xla_s[label] / xla_s['gradient']:.2f} |"
         )
     return lines
 

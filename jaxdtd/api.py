@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import composites as C
 from . import rules as R
 from .graph import analyse
-from .interpret import Plan, evaluate, plan
+from .interpret import Plan, evaluate, plan, select_values
 from .trace import trace
 
 __all__ = ["explain", "from_nnx", "transform", "trace_plan"]
@@ -84,42 +88,366 @@ def flat_inputs(args: tuple, resolved: tuple[int, ...]) -> list[Any]:
     return leaves
 
 
+def format_indices(indices: Sequence[Any], limit: int = 10) -> str:
+    """``[1, 3]``, or the first ``limit`` indices and the count when there are more."""
+    indices = list(indices)
+    if len(indices) <= limit:
+        return str(indices)
+    return f"[{', '.join(map(str, indices[:limit]))}, ...] ({len(indices)} in all)"
+
+
+def out_of_range(target: np.ndarray, classes: int) -> tuple[list[Any], list[int]]:
+    """The positions (sample indices; tuples for targets of rank > 1) and values of the entries of a
+    concrete integer ``target`` outside ``0..classes-1``."""
+    bad = (target < 0) | (target >= classes)
+    if target.ndim == 0:
+        return ([()] if bool(bad) else []), ([int(target)] if bool(bad) else [])
+    where = np.argwhere(bad)
+    positions = [int(p[0]) if target.ndim == 1 else tuple(int(i) for i in p) for p in where]
+    return positions, [int(v) for v in target[bad]]
+
+
+def _check_target(target: Any, y_shape: tuple[int, ...]) -> Any:
+    """``target`` as an integer array of shape ``()`` or ``y_shape[:-1]``, in range when concrete."""
+    batch_shape, classes = tuple(y_shape[:-1]), y_shape[-1]
+    expected = (
+        f"an int in 0..{classes - 1} or an integer array of shape {batch_shape} (one class index per sample)"
+    )
+    if isinstance(target, jax.core.Tracer):
+        array = target
+    else:
+        try:
+            array = np.asarray(target)
+        except Exception:  # ragged lists and the like
+            raise TypeError(f"explain: target must be {expected}, got {target!r}") from None
+    if isinstance(target, (bool, np.bool_)) or not jnp.issubdtype(array.dtype, jnp.integer):
+        got = (
+            f"an array of dtype {array.dtype} and shape {tuple(array.shape)}"
+            if hasattr(target, "dtype")
+            else f"{target!r} of type {type(target).__name__}"
+        )
+        raise TypeError(f"explain: target must be {expected}, got {got}")
+    if array.ndim != 0 and tuple(array.shape) != batch_shape:
+        raise ValueError(
+            f"explain: target of shape {tuple(array.shape)} does not match the output of shape "
+            f"{tuple(y_shape)}: give one class index per sample, shape {batch_shape}, or a single index"
+        )
+    if not isinstance(array, jax.core.Tracer):
+        positions, values = out_of_range(array, classes)
+        if values and array.ndim == 0:
+            raise ValueError(
+                f"explain: target {values[0]} is out of range: the output has {classes} classes, "
+                f"valid targets are 0..{classes - 1}"
+            )
+        if values:
+            raise ValueError(
+                f"explain: target out of range at sample(s) {format_indices(positions)}: "
+                f"{format_indices(values)}; the output has {classes} classes, valid targets are "
+                f"0..{classes - 1}"
+            )
+    return jnp.asarray(array)
+
+
 def target_cotangent(y: Any, target: Any) -> Any:
-    """``onehot(target)`` shaped like ``y``; ``target=None`` means the arg-max class per sample."""
+    """``onehot(target)`` shaped like ``y``; ``target=None`` means the arg-max class per sample.
+
+    A concrete ``target`` is checked eagerly (integer dtype, shape, range ``0..classes-1``); a traced
+    one (under ``jit``) only for dtype and shape: an out-of-range traced index gives a zero
+    cotangent for that sample, as :func:`jax.nn.one_hot` does."""
     if not hasattr(y, "shape") or y.ndim < 1:
         raise ValueError(f"explain: fn must return an array of scores (..., classes), got {y!r}")
-    if target is None:
-        target = jnp.argmax(y, axis=-1)
-    target = jnp.asarray(target)
-    if not jnp.issubdtype(target.dtype, jnp.integer):
-        raise TypeError(f"explain: target must be integer class indices, got dtype {target.dtype}")
-    if target.ndim != 0 and target.shape != y.shape[:-1]:
-        raise ValueError(
-            f"explain: target of shape {target.shape} does not match the output of shape {y.shape}: "
-            f"give one class index per sample, shape {y.shape[:-1]}, or a single index"
-        )
+    target = jnp.argmax(y, axis=-1) if target is None else _check_target(target, tuple(y.shape))
     return jax.nn.one_hot(jnp.broadcast_to(target, y.shape[:-1]), y.shape[-1], dtype=y.dtype)
 
 
+def nonfinite_samples(leaf: Any) -> list[int]:
+    """Indices along the leading axis of the samples of a concrete array that hold NaN or Inf
+    (``[0]`` for a 0-d array that is not finite; ``[]`` for non-float or non-array leaves)."""
+    try:
+        array = jnp.asarray(leaf)
+    except TypeError:
+        return []
+    if not jnp.issubdtype(array.dtype, jnp.inexact) or array.size == 0:
+        return []
+    finite = jnp.all(jnp.isfinite(array), axis=tuple(range(1, array.ndim)))
+    return [int(i) for i in np.flatnonzero(~np.atleast_1d(np.asarray(finite)))]
+
+
+def check_finite_inputs(args: tuple, nums: tuple[int, ...], caller: str = "explain") -> None:
+    """Raise ``ValueError`` naming the samples of concrete explained inputs that hold NaN or Inf."""
+    entries = [
+        (n, path, leaf) for n in nums for path, leaf in jax.tree_util.tree_flatten_with_path(args[n])[0]
+    ]
+    for n, path, leaf in entries:
+        bad = nonfinite_samples(leaf)
+        if not bad:
+            continue
+        where = f" (argument {n}{jax.tree_util.keystr(path)})" if len(entries) > 1 else ""
+        shape = np.shape(leaf)
+        what = f"in sample(s) {format_indices(bad)} of {shape[0]}" if shape else "(a scalar)"
+        raise ValueError(
+            f"{caller}: input{where} has NaN or Inf {what}; its relevance would be NaN (clean or mask "
+            "those samples first)"
+        )
+
+
+def _checkify_finite(args: tuple, nums: tuple[int, ...]) -> None:
+    """``checkify.check`` that traced explained inputs are finite (reported under ``checkify``)."""
+    from jax.experimental import checkify
+
+    for n in nums:
+        for leaf in jax.tree_util.tree_leaves(args[n]):
+            if not jnp.issubdtype(jax.typeof(leaf).dtype, jnp.inexact) or math.prod(np.shape(leaf)) == 0:
+                continue
+            finite = jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, jnp.ndim(leaf))))
+            bad = ~jnp.reshape(finite, (-1,))
+            checkify.check(
+                ~jnp.any(bad),
+                "explain: input has NaN or Inf in {count} sample(s), the first is sample {first}",
+                count=jnp.sum(bad),
+                first=jnp.argmax(bad),
+            )
+
+
+def warn_outside_box(the_plan: Plan, leaves: Sequence[Any], caller: str = "explain") -> None:
+    """Warn when a concrete input read directly by a :class:`~jaxdtd.rules.ZBox` layer lies outside
+    the rule's box ``low <= x <= high``."""
+    position = {var: i for i, var in enumerate(the_plan.program.invars)}
+    for layer, rule, _ in the_plan.layer_rules:
+        if not isinstance(rule, R.ZBox) or layer.input not in position:
+            continue
+        x = leaves[position[layer.input]]
+        if (
+            any(isinstance(v, jax.core.Tracer) for v in (x, rule.low, rule.high))
+            or math.prod(np.shape(x)) == 0
+        ):
+            continue
+        low, high = jnp.asarray(rule.low), jnp.asarray(rule.high)
+        outside, x_min, x_max = jax.device_get((jnp.any((x < low) | (x > high)), jnp.min(x), jnp.max(x)))
+        if not outside:
+            continue
+        if low.ndim == 0 and high.ndim == 0:
+            box = f"[{float(low):g}, {float(high):g}]"
+        else:
+            box = (
+                f"of per-element bounds (low in [{float(low.min()):g}, {float(low.max()):g}], "
+                f"high in [{float(high.min()):g}, {float(high.max()):g}])"
+            )
+        warnings.warn(
+            f"{caller}: the input of layer '{layer.module_path or '<top level>'}'"
+            f"{f' ({layer.param_path})' if layer.param_path else ''} lies outside the ZBox box {box}: "
+            f"its values range over [{float(x_min):.6g}, {float(x_max):.6g}]; the z^B rule assumes "
+            "low <= x <= high, so give the bounds of the input's actual range",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def is_array_leaf(leaf: Any) -> bool:
+    """Whether an argument leaf is data (traced) rather than static: a ``jax.Array`` (tracers
+    included), an ``np.ndarray``, a NumPy scalar, a Python ``float`` or ``complex``, or an object
+    with ``__jax_array__``.  Everything else (``bool``, ``int``, ``str``, functions, ...) is static."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, complex)) or hasattr(
+        leaf, "__jax_array__"
+    )
+
+
+def _describe_position(path: tuple, n_positional: int) -> str:
+    index = path[0].idx
+    rest = jax.tree_util.keystr(path[1:])
+    if index < n_positional:
+        return f"argument {index}{f' at {rest}' if rest else ''}"
+    return f"keyword argument {rest}"
+
+
+def bind_static(
+    fn: Callable, args: tuple, kwargs: dict, resolved: tuple[int, ...]
+) -> tuple[Callable, tuple, tuple]:
+    """Split the call ``fn(*args, **kwargs)`` into its data and its static part.
+
+    Returns ``(bound, dynamic, key)``: ``dynamic`` is ``args`` -- followed by the keyword arguments
+    as one dict when there are any -- with every static leaf (see :func:`is_array_leaf`; leaves of
+    the explained arguments ``resolved`` are never static) replaced by ``None``;
+    ``bound(*dynamic)`` calls ``fn`` with the static leaves and the keywords put back; ``key``
+    identifies the static part by value (tree structure, static leaves and their types)."""
+    n = len(args)
+    full = (*args, dict(kwargs)) if kwargs else tuple(args)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(full)
+    static: dict[int, Any] = {}
+    key_parts = []
+    for i, (path, leaf) in enumerate(with_path):
+        if path[0].idx in resolved or is_array_leaf(leaf):
+            continue
+        try:
+            hash((type(leaf), leaf))
+        except TypeError:
+            raise TypeError(
+                f"jaxdtd.transform: {_describe_position(path, n)} is {leaf!r} of type "
+                f"{type(leaf).__name__}: not an array, so it is a static value (closed over when "
+                "tracing and part of the cache key), and static values must be hashable; pass it as an "
+                "array or make it hashable"
+            ) from None
+        static[i] = leaf
+        key_parts.append((i, type(leaf), leaf))
+    key = (treedef, tuple(key_parts))
+    if not static and not kwargs:
+        return fn, full, key
+    count = len(with_path)
+    dynamic = jax.tree_util.tree_unflatten(
+        treedef, [None if i in static else leaf for i, (_, leaf) in enumerate(with_path)]
+    )
+
+    def bound(*dynamic_args: Any) -> Any:
+        values = iter(jax.tree_util.tree_leaves(dynamic_args))
+        merged = jax.tree_util.tree_unflatten(
+            treedef, [static[i] if i in static else next(values) for i in range(count)]
+        )
+        return fn(*merged[:n], **(merged[n] if kwargs else {}))
+
+    return bound, tuple(dynamic), key
+
+
+def _check_fn(fn: Any) -> None:
+    linen = sys.modules.get("flax.linen")
+    if linen is not None and isinstance(fn, linen.Module):
+        raise TypeError(
+            f"jaxdtd.transform: got the Flax linen module {type(fn).__name__} itself; pass its apply "
+            "function: f = dtd.transform(model.apply, composite), called as f(variables, x)"
+        )
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(fn, nnx.Module):
+        raise TypeError(
+            f"jaxdtd.transform: got the Flax NNX module {type(fn).__name__}; split it first: "
+            "apply_fn, state = dtd.from_nnx(module); f = dtd.transform(apply_fn, composite), called as "
+            "f(state, x)"
+        )
+    if not callable(fn):
+        hint = " (it has an .apply: pass fn.apply)" if callable(getattr(fn, "apply", None)) else ""
+        raise TypeError(
+            f"jaxdtd.transform: fn must be a function such as model.apply, got {fn!r} of type "
+            f"{type(fn).__name__}{hint}"
+        )
+
+
+def _holds_tracer(composite: Any) -> bool:
+    """Whether a composite (or rule) holds traced hyper-parameters, e.g. ZBox bounds under jit/vmap."""
+    if composite is None:
+        return False
+    if isinstance(composite, C.Composite):
+        rules = [composite.dense, composite.conv, composite.first, composite.default]
+        rules += [rule for _, rule in composite.layers] + [rule for _, rule in composite.operations]
+        rules += [rule for _, rule in composite.rules]
+    else:
+        rules = [composite]
+    return any(
+        isinstance(leaf, jax.core.Tracer)
+        for rule in rules
+        if rule is not None
+        for value in getattr(rule, "__dict__", {}).values()
+        for leaf in jax.tree_util.tree_leaves(value)
+    )
+
+
+def _explained_mask(dynamic: tuple, resolved: tuple[int, ...]) -> list[bool]:
+    return [path[0].idx in resolved for path, _ in jax.tree_util.tree_flatten_with_path(dynamic)[0]]
+
+
+def _empty_batch_forward(bound: Callable, dynamic: tuple, inputs: list, resolved: tuple[int, ...]) -> Any:
+    """The forward of a call whose explained inputs have no elements (a batch of 0 samples).
+
+    There is no relevance to propagate: ``fn`` itself is evaluated (weights behind
+    ``stop_gradient``), so the VJP is an empty array of each input's shape.  When ``fn`` cannot
+    evaluate an empty batch (e.g. ``x.reshape(x.shape[0], -1)``), the output is zeros of the shape
+    its batch axis -- the axis whose size follows the batch at 1 and 2 samples -- gives at 0."""
+    treedef = jax.tree_util.tree_structure(dynamic)
+    call = lambda *leaves: bound(*jax.tree_util.tree_unflatten(treedef, leaves))
+    try:
+        return call(*inputs)
+    except Exception as error:  # noqa: BLE001 - re-raised below when the shapes do not help
+        explained = _explained_mask(dynamic, resolved)
+
+        def at(batch: int) -> Any:
+            return jax.eval_shape(
+                call,
+                *(
+                    jax.ShapeDtypeStruct((batch, *leaf.shape[1:]), leaf.dtype)
+                    if is_explained and leaf.ndim and leaf.shape[0] == 0
+                    else leaf
+                    for leaf, is_explained in zip(inputs, explained, strict=True)
+                ),
+            )
+
+        try:
+            one, two = at(1), at(2)
+        except Exception:  # noqa: BLE001
+            raise error from None
+        outs = []
+        for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two), strict=True):
+            axes = [d for d, (p, q) in enumerate(zip(a.shape, b.shape, strict=False)) if p != q]
+            if (
+                len(a.shape) != len(b.shape)
+                or len(axes) != 1
+                or (a.shape[axes[0]], b.shape[axes[0]]) != (1, 2)
+            ):
+                raise error from None
+            shape = list(a.shape)
+            shape[axes[0]] = 0
+            outs.append(jnp.zeros(shape, a.dtype))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(one), outs)
+
+
 def trace_plan(fn: Callable, composite: Any, args: tuple, argnums: int | Sequence[int] = 1) -> Plan:
-    """Trace ``fn(*args)`` and build its relevance plan (layers, rules, operations)."""
+    """Trace ``fn(*args)`` and build its relevance plan (layers, rules, operations).  Static
+    arguments (see :func:`transform`) are closed over; the plan's inputs are the array leaves."""
     comp = C.as_composite(composite) or C.Composite()
     nums = _check_argnums(_normalize_argnums(argnums), len(args))
-    return _build_plan(fn, comp, args, nums)
+    bound, dynamic, _ = bind_static(fn, args, {}, nums)
+    return _build_plan(bound, comp, dynamic, nums)
 
 
-def _build_plan(fn: Callable, composite: C.Composite, args: tuple, nums: tuple[int, ...]) -> Plan:
+def _build_plan(
+    fn: Callable,
+    composite: C.Composite,
+    args: tuple,
+    nums: tuple[int, ...],
+    taps: Sequence[str] = (),
+    seeds: Sequence[str] = (),
+) -> Plan:
+    """Trace, analyse and plan ``fn(*args)``; with ``seeds`` no argument is explained: relevance is
+    delivered at the seed values (see :func:`explain`)."""
     with_path, _ = jax.tree_util.tree_flatten_with_path(args)
     program, out_tree = trace(fn, args)
     explained = set()
     leaf_names = {}
-    for var, (path, _leaf) in zip(program.invars, with_path):
-        if path[0].idx in nums:
+    for var, (path, _leaf) in zip(program.invars, with_path, strict=True):
+        if path[0].idx in nums and not seeds:
             explained.add(var)
         else:
             leaf_names[var] = _leaf_name(path)
-    analysis = analyse(program, explained, leaf_names)
-    result = plan(program, analysis, composite)
+    seed_values = select_values(program, (), seeds, "seed") if seeds else ()
+    analysis = analyse(program, explained, leaf_names, seeds=frozenset(v for _, v in seed_values))
+    cuts = frozenset()
+    if composite.cuts:
+        producer = analysis.producer
+        chosen = select_values(program, analysis.layers, composite.cuts, "cut")
+        cuts = frozenset(producer[v].index for _, v in chosen if v in producer)
+        analysis = analyse(
+            program, explained, leaf_names, cuts=cuts, seeds=frozenset(v for _, v in seed_values)
+        )
+    result = plan(program, analysis, composite, cuts=cuts)
+    tap_values = select_values(program, analysis.layers, taps, "tap") if taps else ()
+    result = dataclasses.replace(result, taps=tap_values, seeds=seed_values)
+    layers = [layer for layer, _, _ in result.layer_rules]
+    unmatched = composite.unmatched_patterns(layers)
+    if unmatched:
+        module_paths = list(dict.fromkeys(layer.module_path for layer in layers if layer.module_path))
+        param_paths = list(dict.fromkeys(layer.param_path for layer in layers if layer.param_path))
+        warnings.warn(
+            f"jaxdtd: Composite.layers pattern(s) {', '.join(map(repr, unmatched))} match no layer; "
+            f"the layers' module paths are {module_paths} and their weight paths {param_paths}",
+            UserWarning,
+            stacklevel=3,
+        )
     return dataclasses.replace(result, out_tree=out_tree)
 
 
@@ -146,29 +474,71 @@ def transform(
     and conv layer) or ``None`` (``fn`` itself: the plain gradient).  ``argnums`` is an int or a
     tuple of ints (``argnums=0`` for a single-argument function).  The function is traced once per
     input signature and cached; it composes with ``jax.jit``, ``jax.vmap`` and ``jax.lax.scan``.
+    A composite with traced hyper-parameters (``ZBox`` bounds under ``jit`` or ``vmap``) works too.
+
+    Arguments other than the explained ones: a leaf that is an array (``jax.Array``, tracers
+    included, ``np.ndarray``, a NumPy scalar) or a Python ``float``/``complex`` is data -- traced,
+    a constant of the rules, zero VJP; every other leaf (``bool``, ``int``, ``str``, functions,
+    enums; ``None`` is no leaf) is *static*: closed over as ``fn`` receives it when tracing and part
+    of the cache key by value, so it must be hashable.  Hence ``f(variables, x, False)`` for a
+    ``train: bool`` argument works, and keyword arguments are passed through to ``fn`` under the
+    same rule (``f(variables, x, train=False)``).  A batch of no samples (every explained leaf
+    empty) has no relevance to propagate: ``fn`` itself gives the forward (see
+    :func:`_empty_batch_forward`) and the VJP is empty.
+
+    ``fn`` must be a function: a Flax linen module is rejected with a hint to pass ``model.apply``,
+    an NNX module with a hint to :func:`from_nnx`.  ``f.plan_for(*args, **kwargs)`` returns the
+    ``(plan, flat_input_leaves)`` a call would evaluate (``None`` without composite or for an empty
+    batch).
     """
+    _check_fn(fn)
     comp = C.as_composite(composite)
     nums = _normalize_argnums(argnums)
+    # traced hyper-parameters cannot be closed over by an inner jit: evaluate inline instead
+    inline = _holds_tracer(comp)
     cache: dict[tuple, tuple[Plan, Callable]] = {}
 
-    @functools.wraps(fn)
-    def relevance_fn(*args: Any) -> Any:
+    def prepare(args: tuple, kwargs: dict) -> tuple:
         resolved = _check_argnums(nums, len(args))
-        if comp is None:
-            return fn(*args)
-        inputs = flat_inputs(args, resolved)
-        key = (jax.tree_util.tree_structure(args), _signature(inputs), resolved)
+        bound, dynamic, static_key = bind_static(fn, args, kwargs, resolved)
+        inputs = flat_inputs(dynamic, resolved)
+        explained = [leaf for leaf, e in zip(inputs, _explained_mask(dynamic, resolved), strict=True) if e]
+        empty = bool(explained) and all(math.prod(np.shape(leaf)) == 0 for leaf in explained)
+        return resolved, bound, dynamic, static_key, inputs, empty
+
+    def lookup(resolved, bound, dynamic, static_key, inputs) -> tuple[Plan, Callable]:
+        key = (static_key, _signature(inputs), resolved)
         if key not in cache:
-            the_plan = _build_plan(fn, comp, args, resolved)
+            the_plan = _build_plan(bound, comp, dynamic, resolved)
             if len(cache) >= _CACHE_SIZE:
                 cache.pop(next(iter(cache)))
             # evaluated as one jitted program: eager calls compile once instead of dispatching (and
             # compiling) every primitive; under an outer jit/vmap it simply inlines
-            cache[key] = (the_plan, jax.jit(functools.partial(evaluate, the_plan)))
-        the_plan, run = cache[key]
+            run = functools.partial(evaluate, the_plan)
+            cache[key] = (the_plan, run if inline else jax.jit(run))
+        return cache[key]
+
+    @functools.wraps(fn)
+    def relevance_fn(*args: Any, **kwargs: Any) -> Any:
+        if comp is None:
+            _check_argnums(nums, len(args))
+            return fn(*args, **kwargs)
+        resolved, bound, dynamic, static_key, inputs, empty = prepare(args, kwargs)
+        if empty:
+            return _empty_batch_forward(bound, dynamic, inputs, resolved)
+        the_plan, run = lookup(resolved, bound, dynamic, static_key, inputs)
         outs = run(inputs)
         return jax.tree_util.tree_unflatten(the_plan.out_tree, outs)
 
+    def plan_for(*args: Any, **kwargs: Any) -> tuple[Plan, list] | None:
+        if comp is None:
+            return None
+        resolved, bound, dynamic, static_key, inputs, empty = prepare(args, kwargs)
+        if empty:
+            return None
+        return lookup(resolved, bound, dynamic, static_key, inputs)[0], inputs
+
+    relevance_fn.plan_for = plan_for  # type: ignore[attr-defined]
     return relevance_fn
 
 
@@ -183,7 +553,10 @@ def explain(
     target: Any = None,
     composite: C.Composite | R.Rule | None = None,
     argnums: int | Sequence[int] = 1,
-) -> tuple[Any, Any]:
+    check_finite: bool | None = None,
+    taps: Sequence[str] | None = None,
+    seeds: Sequence[str] | None = None,
+) -> tuple[Any, ...]:
     """Relevance of ``target`` and the output: ``(R, fn(*args))``.
 
     ``target`` is a class index, an integer array with one index per sample (shape ``y.shape[:-1]``),
@@ -192,22 +565,113 @@ def explain(
     structure of ``args[argnums]`` (a tuple when ``argnums`` is a tuple).  Pure and jit-able::
 
         R, logits = jax.jit(lambda v, x: explain(model.apply, v, x, composite=c))(variables, x)
+
+    Checks.  A concrete ``target`` (a Python int or a NumPy/JAX array, also under ``jit`` when it is
+    not an argument of the jitted function) must be integer, of shape ``()`` or ``y.shape[:-1]``
+    and in ``0..classes-1`` (``ValueError`` naming the bad values and samples).  A *traced* target
+    is checked for dtype and shape only: an out-of-range traced index gives all-zero relevance for
+    that sample (``jax.nn.one_hot``).  A concrete explained input (an eager call) with NaN or Inf
+    raises ``ValueError`` naming the samples; a traced one gives NaN relevance for those samples
+    unless ``check_finite=True``, which adds a ``jax.experimental.checkify.check`` (then wrap the
+    jitted function in ``checkify.checkify``, e.g. ``err, (R, y) =
+    checkify.checkify(jax.jit(f))(variables, x); err.throw()``; staged without ``checkify`` the
+    check itself raises).  ``check_finite=False`` skips the eager check too.  For an eager call,
+    an input read directly by a ``ZBox`` layer that lies outside the box warns (``UserWarning``).
+
+    Taps and seeds (patterns as for :attr:`Composite.cuts`: ``"*/Conv_3"`` chooses the output of each
+    matching layer, or of a matching module; ``"glob:primitive"`` the results of a primitive):
+
+    * ``taps=[...]`` returns ``(R, y, tapped)``: ``tapped[name]`` is the relevance arriving at that
+      value (the cotangent at the value, shape of the value), e.g. the relevance of every channel of
+      a layer, the basis of concept relevance.  It equals what :func:`~jaxdtd.ledger` measures as
+      "entering" the layer.
+    * ``seeds=[...]`` starts relevance at intermediate values instead of at an argument: no argument
+      is explained (they may be integers, e.g. token ids) and ``R`` is a dict ``{name: relevance at
+      the seed value}``: for ``seeds=["*/Embed_0"]`` the relevance of each embedding, equal to the
+      relevance of the same model fed the embeddings directly.
     """
+    if taps or seeds:
+        return _explain_probed(fn, args, target, composite, argnums, tuple(taps or ()), tuple(seeds or ()))
     nums = _check_argnums(_normalize_argnums(argnums), len(args))
-    try:
-        f = _cached_transform(fn, composite, argnums)
-    except TypeError:  # unhashable function or composite
-        f = transform(fn, composite, argnums=argnums)
+    f = _transform_for(fn, composite, argnums)
+    leaves = jax.tree_util.tree_leaves(tuple(args[n] for n in nums))
+    concrete = bool(leaves) and not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+    if concrete:
+        if check_finite is not False:
+            check_finite_inputs(args, nums)
+        entry = f.plan_for(*args)
+        if entry is not None:
+            warn_outside_box(*entry)
+    elif check_finite:
+        _checkify_finite(args, nums)
 
     def call(*explained: Any) -> Any:
         full = list(args)
-        for n, value in zip(nums, explained):
+        for n, value in zip(nums, explained, strict=True):
             full[n] = value
         return f(*full)
 
     y, vjp = jax.vjp(call, *(args[n] for n in nums))
     relevance = vjp(target_cotangent(y, target))
     return (relevance[0] if isinstance(argnums, int) else relevance), y
+
+
+def _explain_probed(
+    fn: Callable,
+    args: tuple,
+    target: Any,
+    composite: Any,
+    argnums: Any,
+    taps: tuple[str, ...],
+    seeds: tuple[str, ...],
+) -> tuple[Any, ...]:
+    """:func:`explain` with taps and/or seeds: zero probes added where the chosen values are
+    defined; their cotangents are the relevance arriving there."""
+    comp = C.as_composite(composite) or C.Composite()
+    nums = () if seeds else _check_argnums(_normalize_argnums(argnums), len(args))
+    bound, dynamic, _ = bind_static(fn, args, {}, nums)
+    leaves = flat_inputs(dynamic, nums)
+    the_plan = _build_plan(bound, comp, dynamic, nums, taps=taps, seeds=seeds)
+    mask = _explained_mask(dynamic, nums)
+    explained = [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
+    avals = the_plan.analysis.avals
+    probed = (*the_plan.seeds, *the_plan.taps)
+    probes = {v: jnp.zeros(avals[v].shape, avals[v].dtype) for _, v in probed}
+
+    def run(explained, probes):
+        values = iter(explained)
+        full = [next(values) if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
+        outs = evaluate(the_plan, full, value_probes=probes)
+        return jax.tree_util.tree_unflatten(the_plan.out_tree, outs)
+
+    y, vjp = jax.vjp(run, explained, probes)
+    r_explained, r_probes = vjp(target_cotangent(y, target))
+    tapped = {name: r_probes[v] for name, v in the_plan.taps}
+    if seeds:
+        relevance = {name: r_probes[v] for name, v in the_plan.seeds}
+    else:
+        per_arg = iter(r_explained)
+        structured = [
+            jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(dynamic[n]),
+                [next(per_arg) for _ in jax.tree_util.tree_leaves(dynamic[n])],
+            )
+            for n in nums
+        ]
+        relevance = structured[0] if isinstance(argnums, int) else tuple(structured)
+    return (relevance, y, tapped) if taps else (relevance, y)
+
+
+def _transform_for(fn: Callable, composite: Any, argnums: Any) -> Callable:
+    """``transform(fn, composite, argnums=argnums)``, shared between calls when everything is
+    hashable and the composite holds no tracer (a cached tracer would outlive its trace)."""
+    try:
+        hash((fn, composite, argnums))
+    except TypeError:  # unhashable function, composite or argnums
+        return transform(fn, composite, argnums=argnums)
+    if _holds_tracer(composite):
+        return transform(fn, composite, argnums=argnums)
+    return _cached_transform(fn, composite, argnums)
 
 
 def from_nnx(module: Any) -> tuple[Callable, Any]:

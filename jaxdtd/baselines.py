@@ -93,7 +93,7 @@ class _Scores:
         self.single = isinstance(argnums, int)
         self.nums = _check_argnums(_normalize_argnums(argnums), len(args))
         self.explained = tuple(args[n] for n in self.nums)
-        for n, arg in zip(self.nums, self.explained):
+        for n, arg in zip(self.nums, self.explained, strict=True):
             for leaf in jax.tree_util.tree_leaves(arg):
                 if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
                     raise TypeError(
@@ -106,7 +106,7 @@ class _Scores:
 
     def call(self, *explained: Any) -> Any:
         full = list(self.args)
-        for n, value in zip(self.nums, explained):
+        for n, value in zip(self.nums, explained, strict=True):
             full[n] = value
         return self.fn(*full)
 
@@ -242,7 +242,7 @@ def smoothgrad(
         eps = jax.random.normal(jax.random.fold_in(key, i), (sum(sizes),), jnp.float32)
         noisy = [
             x + sig * eps[o : o + x.size].reshape(x.shape).astype(x.dtype)
-            for x, sig, o in zip(leaves, sigmas, offsets)
+            for x, sig, o in zip(leaves, sigmas, offsets, strict=True)
         ]
         return s.grad(*jax.tree_util.tree_unflatten(treedef, noisy))
 

@@ -17,6 +17,12 @@ primitive name (``"tanh"``, ``"reduce_window_max"``) to a :class:`~jaxdtd.rules.
 :class:`~jaxdtd.rules.Norm` or :class:`~jaxdtd.rules.Gradient` to override it or to allow an operation
 jaxdtd does not know.
 
+``cuts`` are patterns of values that are constants for the rules (as if detached with
+``jax.lax.stop_gradient``, without editing the model; the forward is unchanged): ``"glob"`` cuts the
+output of every matching layer (module or weight path) or module, ``"glob:primitive"`` the results
+of that primitive under matching modules (see :func:`jaxdtd.interpret.select_values`).  Relevance
+does not flow through a cut value, and what only a cut value feeds needs no rule.
+
 The presets are functions returning composites; their rules are those of rules.md.
 """
 
@@ -24,10 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import rules as R
+from . import selectors as S
 
 __all__ = [
     "Composite",
@@ -50,9 +57,41 @@ def _pairs(value: Any, field: str) -> tuple[tuple[str, R.Rule], ...]:
     return pairs
 
 
+def _matches(layer: Any, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(layer.module_path, pattern) or bool(
+        layer.param_path and fnmatch.fnmatchcase(layer.param_path, pattern)
+    )
+
+
+def _applies(rule: R.Rule, unit: str) -> bool:
+    """Affine rules (and Gradient, Norm = Epsilon) act on layers; operation rules on operations."""
+    if unit == "layer":
+        return isinstance(rule, R.AffineRule) or (isinstance(rule, R.OperationRule) and not rule.is_identity)
+    return isinstance(rule, R.OperationRule)
+
+
+def _layer_target(layer: Any) -> S.Target:
+    return S.Target(
+        unit="layer",
+        primitive=layer.linear.name,
+        module_path=layer.module_path,
+        param_path=layer.param_path,
+        layer_kind=layer.kind,
+        first=layer.first,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Composite:
-    """Assigns rules to affine layers and parameter-free operations (see the module docstring)."""
+    """An ordered list of ``(selector, rule)`` maps; for each affine layer and each parameter-free
+    operation on data the first entry whose selector matches and whose rule applies wins
+    (:mod:`jaxdtd.selectors`).
+
+    ``rules`` holds explicit ``(selector, rule)`` pairs and comes first; the keywords are shorthands
+    for the entries after it, in this order: ``layers`` (``(glob, rule)`` pairs: ``Path(glob)``),
+    ``first`` (``First()``), ``conv`` / ``dense`` (``LayerKind``), ``default`` (every layer), and
+    ``operations`` (``{primitive: rule}``: ``UnitKind("operation") & Primitive(name)``).
+    """
 
     dense: R.Rule | None = None
     conv: R.Rule | None = None
@@ -61,10 +100,23 @@ class Composite:
     default: R.Rule | None = None
     operations: Any = ()
     name: str = "Composite"
+    cuts: Any = ()
+    rules: Any = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.cuts, str) or not all(isinstance(c, str) for c in self.cuts):
+            raise TypeError(f"Composite.cuts must be a sequence of pattern strings, got {self.cuts!r}")
+        object.__setattr__(self, "cuts", tuple(self.cuts))
         object.__setattr__(self, "layers", _pairs(self.layers, "layers"))
         object.__setattr__(self, "operations", _pairs(self.operations, "operations"))
+        rules = tuple(tuple(entry) for entry in self.rules)
+        for i, entry in enumerate(rules):
+            if len(entry) != 2 or not isinstance(entry[0], S.Selector) or not isinstance(entry[1], R.Rule):
+                raise TypeError(
+                    f"Composite.rules[{i}] must be a (selector, rule) pair such as "
+                    f"(selectors.Path('*/Dense_1'), rules.Epsilon()), got {entry!r}"
+                )
+        object.__setattr__(self, "rules", rules)
         for field in ("dense", "conv", "first", "default"):
             rule = getattr(self, field)
             if rule is not None and not isinstance(rule, R.Rule):
@@ -80,27 +132,55 @@ class Composite:
                     f"Composite.operations['{primitive}'] must be Pass(), Norm() or Gradient(), got {rule!r}"
                 )
 
+    def entries(self) -> tuple[tuple[S.Selector, R.Rule, str], ...]:
+        """The whole ordered list as ``(selector, rule, reason)``; ``reason`` is what
+        :func:`jaxdtd.describe` prints."""
+        out = [(selector, rule, str(selector)) for selector, rule in self.rules]
+        out += [(S.Path(glob), rule, f"layers[{glob!r}]") for glob, rule in self.layers]
+        if self.first is not None:
+            out.append((S.First(), self.first, "first"))
+        out += [
+            (S.LayerKind(k), r, k) for k, r in (("conv", self.conv), ("dense", self.dense)) if r is not None
+        ]
+        if self.default is not None:
+            out.append((S.UnitKind("layer"), self.default, "default"))
+        out += [
+            (S.UnitKind("operation") & S.Primitive(name), rule, f"operations[{name!r}]")
+            for name, rule in self.operations
+        ]
+        return tuple(out)
+
+    def match(self, target: S.Target) -> tuple[R.Rule, str] | None:
+        """The first entry that matches ``target`` and whose rule applies to it."""
+        for selector, rule, reason in self.entries():
+            if selector.matches(target) and _applies(rule, target.unit):
+                return rule, reason
+        return None
+
     def rule_for(self, layer: Any) -> tuple[R.Rule | None, str]:
         """The rule for an affine layer and why it was chosen (for printing)."""
-        for pattern, rule in self.layers:
-            if fnmatch.fnmatchcase(layer.module_path, pattern) or (
-                layer.param_path and fnmatch.fnmatchcase(layer.param_path, pattern)
-            ):
-                return rule, f"layers[{pattern!r}]"
-        if layer.first and self.first is not None:
-            return self.first, "first"
-        by_kind = self.conv if layer.kind == "conv" else self.dense
-        if by_kind is not None:
-            return by_kind, layer.kind
-        if self.default is not None:
-            return self.default, "default"
-        return None, "gradient"
+        found = self.match(_layer_target(layer))
+        return found if found is not None else (None, "gradient")
+
+    def operation_rule_for(
+        self, primitive: str, module_path: str = "", unit: str = "operation"
+    ) -> tuple[R.Rule, str] | None:
+        """The rule the composite assigns to an operation (or an elementwise island), or ``None``:
+        then the primitive registry decides."""
+        return self.match(S.Target(unit=unit, primitive=primitive, module_path=module_path))
+
+    def unmatched_patterns(self, layers: Iterable[Any]) -> tuple[str, ...]:
+        """The ``layers`` globs that match none of ``layers`` (affine layers with ``module_path`` and
+        ``param_path``), neither by module path nor by weight path: usually a typo."""
+        layers = list(layers)
+        return tuple(
+            pattern for pattern, _ in self.layers if not any(_matches(layer, pattern) for layer in layers)
+        )
 
     def operation_rule(self, primitive: str) -> R.Rule | None:
-        for name, rule in self.operations:
-            if name == primitive:
-                return rule
-        return None
+        """The rule for an operation of ``primitive`` at the top level (see :meth:`operation_rule_for`)."""
+        found = self.operation_rule_for(primitive)
+        return None if found is None else found[0]
 
 
 def as_composite(composite: Composite | R.Rule | None) -> Composite | None:

@@ -226,7 +226,7 @@ def run(
         names = list(heatmaps)
         print("   ".join(f"{n[:16]:<16}" for n in names))
         rows = [ascii_heatmap(heatmaps[n][0, ..., 0]) for n in names]
-        for lines in zip(*rows):
+        for lines in zip(*rows, strict=True):
             print("   ".join(lines))
     if out_dir is not None:
         import importlib.util

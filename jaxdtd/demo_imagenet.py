@@ -60,7 +60,7 @@ def run(
     target = jnp.argmax(logits, -1)
     score = logits[jnp.arange(len(x)), target]
     print(f"EfficientNet-Lite0 (ImageNet weights) on {len(x)} photos bundled with scikit-image:")
-    for name, row in zip(photos, np.asarray(jax.nn.softmax(logits))):
+    for name, row in zip(photos, np.asarray(jax.nn.softmax(logits)), strict=True):
         top = np.argsort(row)[::-1][:3]
         print(f"  {name:<10} " + ", ".join(f"{names[i]} {row[i]:.2f}" for i in top))
     shown = ((np.asarray(x) - E.INPUT_LOW) / (E.INPUT_HIGH - E.INPUT_LOW) * 255).clip(0, 255).astype(np.uint8)
@@ -107,7 +107,7 @@ def run(
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "model": "EfficientNet-Lite0, ImageNet weights",
-        "photos": {p: names[int(t)] for p, t in zip(photos, target)},
+        "photos": {p: names[int(t)] for p, t in zip(photos, target, strict=True)},
         "flipping": f"{flip_steps} regions of {region}x{region} pixels, most relevant first, uniform noise",
         "methods": results,
     }

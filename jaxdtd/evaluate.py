@@ -431,7 +431,7 @@ def _randomized(key: Any, subtrees: Any, how: str) -> Any:
     else:
         draws = jax.random.uniform(key, (total,), jnp.float32)
     out, offset = [], 0
-    for leaf, size in zip(leaves, sizes):
+    for leaf, size in zip(leaves, sizes, strict=True):
         d = draws[offset : offset + size]
         offset += size
         if how == "gaussian":

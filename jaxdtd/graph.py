@@ -16,88 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .primitives import lookup
 from .trace import Constant, Equation, Program
 
-__all__ = ["STRUCTURAL", "AffineLayer", "Analysis", "ChainOp", "analyse"]
-
-LINEAR_PRIMITIVES = {"dot_general": "dense", "conv_general_dilated": "conv"}
-
-#: Parameter-free primitives whose relevance is their gradient: rearrangements, selections and max
-#: pooling route relevance to the input entries their outputs copy (rules.md).
-STRUCTURAL = (
-    "reshape",
-    "transpose",
-    "broadcast_in_dim",
-    "squeeze",
-    "expand_dims",
-    "concatenate",
-    "stack",
-    "slice",
-    "dynamic_slice",
-    "pad",
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "rev",
-    "select_n",
-    "reduce_precision",
-    "sharding_constraint",
-    "split",
-    "optimization_barrier",
-    # max pooling and friends: winner takes all (gradient), rules.md
-    "reduce_max",
-    "reduce_min",
-    "reduce_window_max",
-    "reduce_window_min",
-    "argmax",
-    "argmin",
-    # comparisons produce booleans that carry no relevance
-    "eq",
-    "ne",
-    "gt",
-    "ge",
-    "lt",
-    "le",
-)
-
-#: Operations through which non-negativity is preserved when all data operands are non-negative.
-_KEEPS_SIGN = {
-    "reshape",
-    "transpose",
-    "broadcast_in_dim",
-    "squeeze",
-    "expand_dims",
-    "slice",
-    "dynamic_slice",
-    "rev",
-    "copy",
-    "copy_p",
-    "convert_element_type",
-    "reduce_max",
-    "reduce_min",
-    "reduce_window_max",
-    "reduce_window_min",
-    "reduce_sum",
-    "reduce_window_sum",
-    "concatenate",
-    "stack",
-    "select_n",
-    "add",
-    "add_any",
-    "sharding_constraint",
-    "reduce_precision",
-    "split",
-}
-#: Operations whose result is non-negative whatever their input.
-_NON_NEGATIVE_RESULT = {"abs", "exp", "logistic", "sqrt", "rsqrt"}
-#: Unary operations followed when looking for the argument leaf a weight comes from.
-_WEIGHT_VIEWS = {"convert_element_type", "reshape", "transpose", "copy", "squeeze", "expand_dims"}
+__all__ = ["AffineLayer", "Analysis", "ChainOp", "analyse", "chain_op", "is_float"]
 
 
 def is_float(aval: Any) -> bool:
@@ -157,9 +86,32 @@ class AffineLayer:
         vector = jnp.broadcast_to(scale, feature_shape).reshape(tuple(out_shape[d] for d in features))
         kernel_dims = _kernel_feature_dims(self.linear, self.data_position)
         shape = [1] * kernel.ndim
-        for d, size in zip(kernel_dims, vector.shape):
+        for d, size in zip(kernel_dims, vector.shape, strict=True):
             shape[d] = size
         return kernel * jnp.reshape(vector, shape).astype(kernel.dtype)
+
+    def fold(self, kernel: Any, chain_values: Sequence[Any]) -> tuple[Any, Any]:
+        """The folded kernel and bias: ``z = views(A(x; kernel')) + bias`` with the chain's
+        per-output-channel scales folded into ``kernel'`` (BatchNorm, rules.md) and its shifts
+        (scaled and rearranged like the output) summed into ``bias`` (``None`` if there is none)."""
+        scale = bias = None
+        for op, c in zip(self.chain, chain_values, strict=True):
+            if op.op == "view":
+                if bias is not None:  # views are linear: view(a + b) = view(a) + view(b)
+                    bias = op.equation.bind([jnp.broadcast_to(bias, op.equation.in_avals[0].shape)])[0]
+            elif op.op == "add":
+                bias = c if bias is None else bias + c
+            elif op.op == "sub":
+                bias = -c if bias is None else bias - c
+            elif op.op == "mul":
+                scale = c if scale is None else scale * c
+                bias = None if bias is None else bias * c
+            else:  # div
+                scale = 1.0 / c if scale is None else scale / c
+                bias = None if bias is None else bias / c
+        if scale is not None:
+            kernel = self.scale_kernel(kernel, scale)
+        return kernel, bias
 
 
 def _output_feature_dims(eqn: Equation, data_position: int) -> tuple[int, ...]:
@@ -199,6 +151,17 @@ class Analysis:
     uses: dict[int, int]  # variable -> number of uses (operands and program outputs)
     consumers: dict[int, list[Equation]]  # variable -> equations reading it
     static: dict[int, Any] = dataclasses.field(default_factory=dict)  # small constants' values
+    dependent: frozenset[int] = frozenset()  # values depending on the explained input (any dtype)
+    producer: dict[int, Equation] = dataclasses.field(default_factory=dict)  # variable -> its equation
+
+    def is_data(self, atom: Any) -> bool:
+        return not isinstance(atom, Constant) and atom in self.data
+
+    def data_mask(self, eqn: Equation) -> tuple[bool, ...]:
+        return tuple(self.is_data(a) for a in eqn.invars)
+
+    def dependent_mask(self, eqn: Equation) -> tuple[bool, ...]:
+        return tuple(not isinstance(a, Constant) and a in self.dependent for a in eqn.invars)
 
 
 def _static_value(atom: Any, known: dict[int, Any]) -> Any:
@@ -207,13 +170,25 @@ def _static_value(atom: Any, known: dict[int, Any]) -> Any:
     return known.get(atom)
 
 
-def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -> Analysis:
-    """Analyse ``program`` where the invars in ``explained`` carry the input to explain."""
-    avals: dict[int, Any] = dict(zip(program.invars, program.in_avals))
+def analyse(
+    program: Program,
+    explained: set[int],
+    leaf_names: dict[int, str],
+    *,
+    cuts: frozenset[int] = frozenset(),
+    seeds: frozenset[int] = frozenset(),
+) -> Analysis:
+    """Analyse ``program`` where the invars in ``explained`` carry the input to explain.
+
+    ``cuts`` are indices of equations whose outputs are constants for the rules (as if wrapped in
+    ``stop_gradient``); ``seeds`` are variables where relevance is delivered instead of at the
+    inputs: they are data whatever they depend on (an embedding lookup of integer token ids)."""
+    avals: dict[int, Any] = dict(zip(program.invars, program.in_avals, strict=True))
     for eqn in program.equations:
-        avals.update(zip(eqn.outvars, eqn.out_avals))
+        avals.update(zip(eqn.outvars, eqn.out_avals, strict=True))
 
     data = {v for v in explained if is_float(avals[v])}
+    dependent = set(explained) | set(seeds)  # depends on the explained input, any dtype
     non_negative: set[int] = set()
     known: dict[int, Any] = {}
     producer: dict[int, Equation] = {}
@@ -238,6 +213,12 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
     for eqn in program.equations:
         for v in eqn.outvars:
             producer[v] = eqn
+        if any(not isinstance(a, Constant) and a in dependent for a in eqn.invars):
+            dependent.update(eqn.outvars)
+        seeded = [v for v in eqn.outvars if v in seeds and is_float(avals[v])]
+        if seeded:
+            data.update(seeded)
+            continue
         has_data = any(is_data(a) for a in eqn.invars)
         if not has_data:
             if (
@@ -254,32 +235,13 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
                 except Exception:  # noqa: BLE001 - best-effort constant folding only
                     pass
             continue
-        if eqn.name == "stop_gradient":
+        if eqn.name == "stop_gradient" or eqn.index in cuts:
             continue
-        for v, aval in zip(eqn.outvars, eqn.out_avals):
+        for v, aval in zip(eqn.outvars, eqn.out_avals, strict=True):
             if is_float(aval):
                 data.add(v)
-        name = eqn.name
-        operands = eqn.invars
-        if name == "max":
-            sign = any(known_sign_ok(a) for a in operands)
-        elif name == "min":
-            sign = all(known_sign_ok(a) for a in operands)
-        elif name == "clamp":
-            sign = known_sign_ok(operands[0]) or known_sign_ok(operands[1])
-        elif name in _NON_NEGATIVE_RESULT:
-            sign = True
-        elif name == "pad":
-            sign = known_sign_ok(operands[0]) and known_sign_ok(operands[1])
-        elif name in ("mul", "div"):
-            sign = all(known_sign_ok(a) for a in operands)
-        elif name == "select_n":  # the predicate does not matter, the cases do
-            sign = all(known_sign_ok(a) for a in operands[1:])
-        elif name in _KEEPS_SIGN:
-            sign = all(known_sign_ok(a) for a in operands)
-        else:
-            sign = False
-        if sign:
+        info = lookup(eqn.primitive)
+        if info is not None and info.sign(eqn, known_sign_ok):
             non_negative.update(eqn.outvars)
 
     consumers = _consumers(program)
@@ -296,6 +258,8 @@ def analyse(program: Program, explained: set[int], leaf_names: dict[int, str]) -
         uses=dict(uses),
         consumers=consumers,
         static=known,
+        dependent=frozenset(dependent),
+        producer=producer,
     )
 
 
@@ -308,17 +272,15 @@ def _consumers(program: Program) -> dict[int, list[Equation]]:
     return consumers
 
 
-#: Element-preserving rearrangements allowed between a linear primitive and its bias add (vmapped
-#: Equinox layers transpose the batch axis back before adding the bias).
-VIEWS = {"transpose", "reshape", "squeeze", "expand_dims", "copy", "copy_p"}
-
-
 def chain_op(
     eqn: Equation, current: int, data: set[int] | frozenset[int], *, views: bool = False
 ) -> ChainOp | None:
     """``eqn`` as a constant-operand op applied to ``current``, or None if it is not one.
-    With ``views``, an element-preserving rearrangement of ``current`` is a ``"view"`` op."""
-    if views and eqn.name in VIEWS and len(eqn.invars) == 1 and eqn.invars[0] == current:
+    With ``views``, an element-preserving rearrangement of ``current`` (vmapped Equinox layers
+    transpose the batch axis back before adding the bias) is a ``"view"`` op."""
+    info = lookup(eqn.primitive)
+    is_view = info is not None and info.view
+    if views and is_view and len(eqn.invars) == 1 and eqn.invars[0] == current:
         return ChainOp(eqn, "view", -1)
     if eqn.name not in ("add", "sub", "mul", "div") or len(eqn.invars) != 2:
         return None
@@ -353,7 +315,9 @@ def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_na
         if eqn.index in absorbed:
             continue
         data_in = [i for i, a in enumerate(eqn.invars) if not isinstance(a, Constant) and a in data]
-        if eqn.name in LINEAR_PRIMITIVES and len(data_in) == 1 and len(eqn.invars) == 2:
+        info = lookup(eqn.primitive)
+        kind = info.linear if info is not None else None
+        if kind is not None and len(data_in) == 1 and len(eqn.invars) == 2:
             if eqn.name == "conv_general_dilated" and (
                 data_in[0] != 0 or eqn.params.get("batch_group_count", 1) != 1
             ):
@@ -381,7 +345,7 @@ def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_na
             x = eqn.invars[data_position]
             layer = AffineLayer(
                 index=len(layers),
-                kind=LINEAR_PRIMITIVES[eqn.name],
+                kind=kind,
                 linear=eqn,
                 data_position=data_position,
                 chain=tuple(chain),
@@ -417,7 +381,8 @@ def _param_path(atom: Any, producer: dict[int, Equation], leaf_names: dict[int, 
         if atom in leaf_names:
             return leaf_names[atom]
         eqn = producer.get(atom)
-        if eqn is None or eqn.name not in _WEIGHT_VIEWS:
+        info = lookup(eqn.primitive) if eqn is not None else None
+        if info is None or not info.weight_view:
             return ""
         atom = eqn.invars[0]
     return ""

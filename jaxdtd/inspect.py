@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,8 +22,16 @@ import numpy as np
 
 from . import composites as C
 from . import rules as R
-from .api import _build_plan, _check_argnums, _normalize_argnums, flat_inputs, target_cotangent
+from .api import (
+    _build_plan,
+    _check_argnums,
+    _normalize_argnums,
+    bind_static,
+    flat_inputs,
+    target_cotangent,
+)
 from .interpret import Plan, evaluate
+from .units import IslandUnit
 
 __all__ = ["Description", "LayerRow", "Ledger", "describe", "ledger"]
 
@@ -50,6 +59,8 @@ class Description:
 
     layers: tuple[LayerRow, ...]
     operations: tuple[tuple[str, str, int], ...]  # (primitive, rule, count)
+    #: (primitive, rule, why, count): ``why`` is the composite entry that matched, or "registry"
+    operation_reasons: tuple[tuple[str, str, str, int], ...] = ()
 
     def __str__(self) -> str:
         header = ("#", "module path", "weight", "primitive", "input -> output", "BN folded", "rule", "why")
@@ -69,11 +80,14 @@ class Description:
         widths = [
             max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)
         ]
-        lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
         lines.append("-+-".join("-" * w for w in widths))
-        lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-        if self.operations:
-            ops = ", ".join(f"{name} x{count}: {rule}" for name, rule, count in self.operations)
+        lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+        if self.operation_reasons:
+            ops = ", ".join(
+                f"{name} x{count}: {rule}" + ("" if why == "registry" else f" ({why})")
+                for name, rule, why, count in self.operation_reasons
+            )
             lines.append(f"operations on the data: {ops}")
         return "\n".join(lines)
 
@@ -85,8 +99,9 @@ def _rule_name(rule: R.Rule | None) -> str:
 def _plan(fn: Callable, args: tuple, composite: Any, argnums: Any) -> tuple[Plan, tuple[int, ...]]:
     comp = C.as_composite(composite) or C.Composite()
     resolved = _check_argnums(_normalize_argnums(argnums), len(args))
-    flat_inputs(args, resolved)  # the same input checks as transform
-    return _build_plan(fn, comp, args, resolved), resolved
+    bound, dynamic, _ = bind_static(fn, args, {}, resolved)  # static arguments as transform has them
+    flat_inputs(dynamic, resolved)  # the same input checks as transform
+    return _build_plan(bound, comp, dynamic, resolved), resolved
 
 
 def describe(
@@ -120,11 +135,18 @@ def _describe_plan(the_plan: Plan) -> Description:
                 reason=reason,
             )
         )
-    counts = Counter(
-        (step.equation.name, type(step.rule).__name__) for step in the_plan.steps if step.kind == "operation"
+    counts = Counter((eqn.name, type(rule).__name__, why) for eqn, rule, why in the_plan.operations)
+    counts.update(
+        ("island(" + "+".join(e.name for e in unit.members) + ")", type(unit.rule).__name__, unit.reason)
+        for unit in the_plan.units
+        if isinstance(unit, IslandUnit)
     )
-    operations = tuple((name, rule, n) for (name, rule), n in counts.items())
-    return Description(tuple(rows), operations)
+    merged = Counter()
+    for (name, rule, _), n in counts.items():
+        merged[(name, rule)] += n
+    operations = tuple((name, rule, n) for (name, rule), n in merged.items())
+    reasons = tuple((name, rule, why, n) for (name, rule, why), n in counts.items())
+    return Description(tuple(rows), operations, reasons)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +154,13 @@ class Ledger:
     """Relevance totals per layer and sample, from :func:`ledger`.
 
     ``entering[k]`` is the relevance arriving at layer ``k``'s output, ``leaving[k]`` what its rule
-    hands to its input, both summed over all but the batch axis (shape ``(batch,)``).
+    hands to its input, both summed over all but the batch axis (shape ``(batch,)``).  A layer's
+    batch axis is the axis of its input (output) whose size follows the batch when the function is
+    traced again with one more sample, so layers inside e.g. ``jax.image.resize`` (batch on axis 1)
+    are reduced correctly.  When some layer's arrays have no such axis (a reshape merged the batch
+    with another axis), every sample is measured by its own backward pass instead: column ``b`` is
+    then the relevance that originates from sample ``b``'s target score (the same numbers for
+    models that treat samples independently).
     ``absorbed = entering - leaving`` is what the layer absorbs (bias, stabilizer, dropped
     branches; negative: created).  ``output`` is the initial relevance ``f_c(x)``, ``input`` the
     total input relevance.
@@ -153,7 +181,7 @@ class Ledger:
         lines.append(
             f"{'#':>3}  {'module path':<28} {'rule':<34} {'entering':>12} {'leaving':>12} {'absorbed':>10}"
         )
-        for row, e, lv in zip(self.layers, self.entering, self.leaving):
+        for row, e, lv in zip(self.layers, self.entering, self.leaving, strict=True):
             absorbed = (e.sum() - lv.sum()) / (abs(e.sum()) + 1e-30)
             lines.append(
                 f"{row.index:>3}  {row.module_path[-28:]:<28} {row.rule[:34]:<34} "
@@ -179,9 +207,10 @@ def ledger(
     if not isinstance(argnums, int):
         raise TypeError("ledger: argnums must be a single int")
     the_plan, resolved = _plan(fn, args, composite, argnums)
-    leaves = flat_inputs(args, resolved)
-    offset = sum(len(jax.tree_util.tree_leaves(a)) for a in args[: resolved[0]])
-    count = len(jax.tree_util.tree_leaves(args[resolved[0]]))
+    bound, dynamic, _ = bind_static(fn, args, {}, resolved)
+    leaves = flat_inputs(dynamic, resolved)
+    offset = sum(len(jax.tree_util.tree_leaves(a)) for a in dynamic[: resolved[0]])
+    count = len(jax.tree_util.tree_leaves(dynamic[resolved[0]]))
     avals = the_plan.analysis.avals
     probes = [
         (
@@ -202,14 +231,91 @@ def ledger(
     ct = target_cotangent(y, target)
     r_input, r_probes = vjp(ct)
 
-    def per_sample(a):
+    def per_sample(a, axis=0):
         a = jnp.asarray(a)
-        return np.asarray(a.reshape(a.shape[0], -1).sum(1) if a.ndim > 1 else a)
+        return np.asarray(jnp.sum(a, axis=tuple(d for d in range(a.ndim) if d != axis)) if a.ndim > 1 else a)
 
+    batch = y.shape[0] if y.ndim > 1 else None
+    axes = None
+    if batch is not None and probes:
+        comp = C.as_composite(composite) or C.Composite()
+        axes = _probe_batch_axes(bound, comp, dynamic, resolved, the_plan, batch)
+    if axes is not None or not probes or batch is None:  # every layer's arrays have a batch axis
+        axes = axes or [(0, 0)] * len(probes)
+        entering = [per_sample(out, a) for (_, out), (_, a) in zip(r_probes, axes, strict=True)]
+        leaving = [per_sample(inp, a) for (inp, _), (a, _) in zip(r_probes, axes, strict=True)]
+        r_in = np.sum([per_sample(r) for r in r_input], axis=0)
+    else:  # some layer mixes samples along one axis: one backward pass per sample's target score
+        leaving, entering, r_in = _per_sample_backward(vjp, ct, batch)
     return Ledger(
         layers=_describe_plan(the_plan).layers,
-        entering=np.stack([per_sample(out) for _, out in r_probes]) if probes else np.zeros((0,)),
-        leaving=np.stack([per_sample(inp) for inp, _ in r_probes]) if probes else np.zeros((0,)),
+        entering=np.stack(entering) if probes else np.zeros((0,)),
+        leaving=np.stack(leaving) if probes else np.zeros((0,)),
         output=per_sample(y * ct),
-        input=np.sum([per_sample(r) for r in r_input], axis=0),
+        input=r_in,
     )
+
+
+def _changed_axis(before: tuple[int, ...], after: tuple[int, ...], batch: int) -> int | None:
+    """The single axis whose size goes from ``batch`` to ``batch + 1`` between two traces."""
+    if len(before) != len(after):
+        return None
+    changed = [d for d, (p, q) in enumerate(zip(before, after, strict=True)) if p != q]
+    if len(changed) == 1 and (before[changed[0]], after[changed[0]]) == (batch, batch + 1):
+        return changed[0]
+    return None
+
+
+def _probe_batch_axes(
+    bound: Callable, comp: C.Composite, dynamic: tuple, resolved: tuple[int, ...], the_plan: Plan, batch: int
+) -> list[tuple[int, int]] | None:
+    """The batch axis of every layer's input and output: the axis whose size follows the batch
+    when the function is traced again with ``batch + 1`` samples.  ``None`` when some array has no
+    such axis (e.g. the batch merged with another axis by a reshape) or the second trace fails."""
+
+    def grow(leaf: Any) -> Any:
+        shape = np.shape(leaf)
+        if shape and shape[0] == batch:
+            return jax.ShapeDtypeStruct((batch + 1, *shape[1:]), jax.typeof(leaf).dtype)
+        return leaf
+
+    bigger = tuple(jax.tree_util.tree_map(grow, a) if i in resolved else a for i, a in enumerate(dynamic))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = _build_plan(bound, comp, bigger, resolved)
+    except Exception:  # noqa: BLE001 - e.g. a model written for one batch size
+        return None
+    if len(other.layer_rules) != len(the_plan.layer_rules):
+        return None
+    axes = []
+    for (a, _, _), (b, _, _) in zip(the_plan.layer_rules, other.layer_rules, strict=True):
+        pair = tuple(
+            _changed_axis(
+                tuple(the_plan.analysis.avals[getattr(a, end)].shape),
+                tuple(other.analysis.avals[getattr(b, end)].shape),
+                batch,
+            )
+            for end in ("input", "output")
+        )
+        if None in pair:
+            return None
+        axes.append(pair)
+    return axes
+
+
+def _per_sample_backward(vjp: Callable, ct: Any, batch: int) -> tuple[list, list, np.ndarray]:
+    """Per-sample totals without a batch axis: backward passes of the cotangent masked to one
+    sample at a time; column ``b`` is the relevance that originates from sample ``b``'s score."""
+
+    def totals(b: Any) -> Any:
+        mask = (jnp.arange(batch) == b).reshape((batch,) + (1,) * (ct.ndim - 1))
+        r_input, r_probes = vjp(jnp.where(mask, ct, jnp.zeros_like(ct)))
+        return (
+            [jnp.sum(inp) for inp, _ in r_probes],
+            [jnp.sum(out) for _, out in r_probes],
+            sum(jnp.sum(r) for r in r_input),
+        )
+
+    leaving, entering, r_in = jax.lax.map(totals, jnp.arange(batch), batch_size=min(batch, 8))
+    return [np.asarray(v) for v in leaving], [np.asarray(v) for v in entering], np.asarray(r_in)

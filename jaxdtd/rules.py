@@ -17,7 +17,8 @@ non-negative (it comes out of a ReLU), and gamma's group for negative outputs wh
 relevance provably vanishes wherever ``z <= 0`` (the layer feeds a ReLU; :mod:`jaxdtd.vanishing`):
 those are the main savings over zennit.  Both skip exact zeros; the result is the same.
 
-Parameter-free operations get :class:`Pass`, :class:`Norm` or :class:`Gradient`.
+Parameter-free operations get an :class:`OperationRule`: :class:`Pass`, :class:`Norm` or
+:class:`Gradient`, each of which implements its own backward (:meth:`OperationRule.relevance`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ __all__ = [
     "Gamma",
     "Gradient",
     "Norm",
+    "OperationRule",
     "Pass",
     "Rule",
     "WSquare",
@@ -49,6 +51,7 @@ __all__ = [
     "affine_relevance",
     "safe_divide",
     "stabilize",
+    "sum_to_shape",
 ]
 
 Array = Any
@@ -108,6 +111,12 @@ def _compute_dtype(dtype: Any) -> Any:
 class Rule:
     """Base class of every rule.  Rules are frozen dataclasses holding hyper-parameters only."""
 
+    @property
+    def proportional_to_input(self) -> bool:
+        """True when every input relevance is ``x_k * (...)`` with ``x_k`` one of ``x``, ``x+``,
+        ``x-``: then an input entry equal to 0 gets relevance 0 (:mod:`jaxdtd.vanishing`)."""
+        return False
+
 
 @dataclasses.dataclass(frozen=True)
 class Branch:
@@ -136,13 +145,22 @@ class Branch:
 
 
 class AffineRule(Rule):
-    """A rule for dense and convolution layers: subclasses declare :meth:`branches`."""
+    """A rule for dense and convolution layers: subclasses declare :meth:`branches`.
 
-    stabilizer: float = 1e-6
-    zero_bias: bool = False
+    Every affine rule has a ``stabilizer`` (the ``epsilon`` of ``stab(z) = z + epsilon sgn(z)`` for
+    all its denominators) and ``zero_bias`` (drop the bias in every branch); concrete rules declare
+    them as dataclass fields (or, where they are fixed by the rule, as properties).
+    """
+
+    stabilizer: float
+    zero_bias: bool
 
     def branches(self) -> tuple[Branch, ...]:
         raise NotImplementedError
+
+    @property
+    def proportional_to_input(self) -> bool:
+        return all(b.input in (identity, positive, negative) for b in self.branches())
 
     def masks(self, output: Array) -> Sequence[Array] | None:
         """Optional per-group masks on the layer's original output ``z`` (used by :class:`Gamma`)."""
@@ -382,15 +400,61 @@ class Flat(AffineRule):
         return (Branch(ones, ones, None),)
 
 
-@dataclasses.dataclass(frozen=True)
-class Pass(Rule):
-    """Pass: ``R_in = R_out`` for elementwise operations (activations, shifts, scaling by constants)."""
+class OperationRule(Rule):
+    """A rule for a parameter-free operation ``y = f(x_1, ..., x_n)`` on data values.
+
+    :meth:`relevance` is the rule's whole math: given ``f`` (as a function of its data operands),
+    the data operands, the output and the output's relevance, it returns the relevance of each data
+    operand.  The interpreter wraps it in a :func:`jax.custom_vjp` and nothing else.
+    """
+
+    #: the relevance is the operation's own VJP, so the interpreter binds it as it is (no wrapper)
+    is_gradient: ClassVar[bool] = False
+    #: ``R_out`` is handed to the (single) data operand unchanged
+    is_identity: ClassVar[bool] = False
+
+    def relevance(
+        self, f: Callable[..., Array], inputs: Sequence[Array], output: Array, relevance: Array
+    ) -> tuple[Array, ...]:
+        raise NotImplementedError
+
+    def for_affine_layer(self) -> AffineRule | None:
+        """The rule this rule means on an affine layer (``None``: the plain gradient)."""
+        raise TypeError(
+            f"{type(self).__name__}() cannot act on an affine layer (its output has another shape "
+            "than its input); use Epsilon, ZPlus, ... or Gradient()"
+        )
+
+
+def sum_to_shape(r: Array, shape: Sequence[int]) -> Array:
+    """Relevance of a broadcast operand: ``r`` summed over the dimensions it was broadcast along."""
+    shape = tuple(shape)
+    if r.shape == shape:
+        return r
+    lead = r.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, size in enumerate(shape) if size == 1 and r.shape[lead + i] != 1
+    )
+    return jnp.sum(r, axis=axes).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
-class Norm(Rule):
+class Pass(OperationRule):
+    """Pass (identity rule): ``R_x = R_y`` for an elementwise operation of one data operand
+    (activations, shifts and scalings by constants, any elementwise island); a broadcast operand
+    gets the sum over the broadcast dimensions."""
+
+    is_identity: ClassVar[bool] = True
+
+    def relevance(self, f, inputs, output, relevance):
+        (x,) = inputs
+        return (sum_to_shape(relevance, x.shape).astype(x.dtype),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm(OperationRule):
     """Norm: relevance in proportion to contribution, for sums of data values and average pooling:
-    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``.
+    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``, the division in at least float32.
     On an affine layer it is ``Epsilon(stabilizer)``."""
 
     stabilizer: float = 1e-6
@@ -398,10 +462,34 @@ class Norm(Rule):
     def __post_init__(self) -> None:
         _check_non_negative("Norm", stabilizer=self.stabilizer)
 
+    @property
+    def proportional_to_input(self) -> bool:
+        return True
+
+    def relevance(self, f, inputs, output, relevance):
+        compute = _compute_dtype(relevance.dtype)
+        s = safe_divide(relevance.astype(compute), stabilize(output.astype(compute), self.stabilizer))
+        _, pullback = jax.vjp(f, *inputs)
+        grads = pullback(s.astype(output.dtype))
+        return tuple((x * g).astype(x.dtype) for x, g in zip(inputs, grads, strict=True))
+
+    def for_affine_layer(self) -> AffineRule:
+        return Epsilon(self.stabilizer)
+
 
 @dataclasses.dataclass(frozen=True)
-class Gradient(Rule):
-    """The plain gradient (vector-Jacobian product) of the operation or layer."""
+class Gradient(OperationRule):
+    """The plain gradient (vector-Jacobian product) of the operation or layer:
+    ``R_i = sum_j (d f_j / d x_i) R_j``."""
+
+    is_gradient: ClassVar[bool] = True
+
+    def relevance(self, f, inputs, output, relevance):
+        _, pullback = jax.vjp(f, *inputs)
+        return tuple(pullback(relevance))
+
+    def for_affine_layer(self) -> None:
+        return None
 
 
 # --- the one generic function ---------------------------------------------------------------------

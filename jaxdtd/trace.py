@@ -15,24 +15,12 @@ import os
 from typing import Any
 
 import jax
+from jax._src import source_info_util
 from jax.extend import core as jcore
 
-__all__ = ["Constant", "Equation", "Program", "flatten", "source_line", "trace"]
+from .primitives import lookup
 
-#: Nested-call primitives and the parameter that holds the callee.  A callee is a ``ClosedJaxpr``
-#: or an open ``Jaxpr`` (remat); its invars line up with the equation's invars.
-_CALL_PARAMS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-    "remat": "jaxpr",
-}
+__all__ = ["Constant", "Equation", "Program", "flatten", "source_line", "trace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +43,28 @@ class Equation:
     out_avals: tuple
     name_stack: str
     source_info: Any
+    #: source infos of the nested calls this equation was inlined from, innermost first (a
+    #: primitive inside ``jax.nn.silu``, which JAX wraps in ``jit``, points at the user's call)
+    call_sites: tuple = ()
 
     @property
     def name(self) -> str:
         return self.primitive.name
+
+    def bind(self, values: Any) -> list[Any]:
+        """Apply the primitive to ``values`` with the same parameters, under the model's own source
+        info and name stack (errors and XLA profiles of the relevance program point at model code)."""
+        stack = source_info_util.current_name_stack()
+        for scope in filter(None, self.name_stack.split("/")):
+            stack = stack.extend(scope)
+        with source_info_util.user_context(self.source_info.traceback, name_stack=stack):
+            out = self.primitive.bind(*values, **self.params)
+        return list(out) if self.primitive.multiple_results else [out]
+
+    @property
+    def source(self) -> str:
+        """The user's source line that created this equation (see :func:`source_line`)."""
+        return source_line(self.source_info, self.call_sites)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,22 +94,22 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
             return Constant(atom.val)
         return env[atom]
 
-    def emit(jaxpr: jcore.Jaxpr, env: dict, prefix: str) -> None:
+    def emit(jaxpr: jcore.Jaxpr, env: dict, prefix: str, call_sites: tuple) -> None:
         for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
             stack = _join(prefix, str(eqn.source_info.name_stack))
             inputs = [read(env, v) for v in eqn.invars]
-            callee_param = _CALL_PARAMS.get(name)
+            info = lookup(eqn.primitive)
+            callee_param = info.call_param if info is not None else None
             callee = eqn.params.get(callee_param) if callee_param else None
             if callee is not None:
                 if isinstance(callee, jcore.ClosedJaxpr):
                     inner, consts = callee.jaxpr, callee.consts
                 else:
                     inner, consts = callee, ()
-                inner_env = {v: Constant(c) for v, c in zip(inner.constvars, consts)}
-                inner_env.update(zip(inner.invars, inputs))
-                emit(inner, inner_env, stack)
-                for outer, result in zip(eqn.outvars, inner.outvars):
+                inner_env = {v: Constant(c) for v, c in zip(inner.constvars, consts, strict=True)}
+                inner_env.update(zip(inner.invars, inputs, strict=True))
+                emit(inner, inner_env, stack, (eqn.source_info, *call_sites))
+                for outer, result in zip(eqn.outvars, inner.outvars, strict=True):
                     env[outer] = read(inner_env, result)
                 continue
             outs = []
@@ -122,16 +128,17 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
                     out_avals=tuple(v.aval for v in eqn.outvars),
                     name_stack=stack,
                     source_info=eqn.source_info,
+                    call_sites=call_sites,
                 )
             )
 
-    env: dict = {v: Constant(c) for v, c in zip(closed.jaxpr.constvars, closed.consts)}
+    env: dict = {v: Constant(c) for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)}
     invars = []
     for v in closed.jaxpr.invars:
         ident = next(counter)
         env[v] = ident
         invars.append(ident)
-    emit(closed.jaxpr, env, "")
+    emit(closed.jaxpr, env, "", ())
     outvars = tuple(read(env, v) for v in closed.jaxpr.outvars)
     return Program(
         invars=tuple(invars),
@@ -147,18 +154,40 @@ _LIBRARY_DIRS = tuple(
 )
 
 
-def source_line(source_info: Any) -> str:
-    """The innermost frame of user code that created an equation, as ``file:line (function)``."""
+def _user_frame(source_info: Any) -> tuple[str | None, str | None]:
+    """(innermost user frame, innermost frame outside jax itself) of one source info."""
     traceback = getattr(source_info, "traceback", None)
     if traceback is None:
-        return "<unknown source>"
+        return None, None
     fallback = None
     for frame in traceback.frames:
         location = f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
         if fallback is None and os.sep + "jax" + os.sep not in frame.file_name:
             fallback = location
         if not any(d in frame.file_name for d in _LIBRARY_DIRS):
+            return location, fallback
+    return None, fallback
+
+
+def _created_in_library(source_info: Any) -> bool:
+    traceback = getattr(source_info, "traceback", None)
+    frames = traceback.frames if traceback is not None else ()
+    return bool(frames) and any(d in frames[0].file_name for d in _LIBRARY_DIRS)
+
+
+def source_line(source_info: Any, call_sites: tuple = ()) -> str:
+    """The innermost frame of user code that created an equation, as ``file:line (function)``.
+
+    JAX wraps library functions such as ``jax.nn.silu`` in ``jit`` and caches their traces, so the
+    frames of an equation created inside one may hold no user code, or the code that traced it
+    first; for such equations the call sites they were inlined from (innermost first) decide."""
+    own, fallback = _user_frame(source_info)
+    searched = (*call_sites, source_info) if _created_in_library(source_info) else (source_info, *call_sites)
+    for info in searched:
+        location, library = _user_frame(info) if info is not source_info else (own, fallback)
+        if location is not None:
             return location
+        fallback = fallback or library
     return fallback or "<unknown source>"
 
 

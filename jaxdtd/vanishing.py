@@ -27,40 +27,11 @@ from typing import Any
 import numpy as np
 
 from . import rules as R
-from .graph import STRUCTURAL, AffineLayer, Analysis, is_float
+from .graph import AffineLayer, Analysis, is_float
+from .primitives import lookup
 from .trace import Constant, Equation, Program
 
-__all__ = ["layers_with_vanishing_negative_relevance", "scales_with_input"]
-
-#: Operations whose gradient routes the relevance of an output entry only to input entries equal to
-#: it: the structural ones (comparisons and argmax among them carry no relevance at all) and
-#: max/min/clamp when they get the gradient instead of Pass.
-_ROUTING = frozenset(STRUCTURAL) | {"max", "min", "clamp"}
-
-
-def scales_with_input(rule: R.Rule | None) -> bool:
-    """True for affine rules whose input relevance is ``x_k * (...)`` in every branch, with
-    ``x_k`` one of ``x``, ``x+``, ``x-`` (so it is 0 where ``x == 0``)."""
-    if not isinstance(rule, R.AffineRule):
-        return False
-    return all(b.input in (R.identity, R.positive, R.negative) for b in rule.branches())
-
-
-def _keeps_zero(eqn: Equation, v: int, constant: Callable[[Any], np.ndarray | None]) -> bool:
-    """For a Pass operation on ``v``: does ``v == 0`` imply ``out == 0`` entrywise?"""
-    name = eqn.name
-    if name in ("tanh", "neg"):
-        return True
-    others = [a for a in eqn.invars if a != v]
-    if name == "mul" or (name == "div" and eqn.invars[0] == v):
-        return True
-    if name in ("max", "min") and len(others) == 1:
-        c = constant(others[0])
-        return c is not None and bool(np.all(c <= 0) if name == "max" else np.all(c >= 0))
-    if name == "clamp" and len(eqn.invars) == 3 and eqn.invars[1] == v:
-        low, high = constant(eqn.invars[0]), constant(eqn.invars[2])
-        return low is not None and high is not None and bool(np.all(low <= 0) and np.all(high >= 0))
-    return False
+__all__ = ["layers_with_vanishing_negative_relevance"]
 
 
 def _is_relu_of(eqn: Equation, z: int, constant: Callable[[Any], np.ndarray | None]) -> bool:
@@ -101,16 +72,22 @@ def layers_with_vanishing_negative_relevance(
             return True  # no relevance flows back
         layer = layer_of_linear.get(eqn.index)
         if layer is not None:
-            return eqn.invars[layer.data_position] == v and scales_with_input(layer_rules[layer.index])
+            rule = layer_rules[layer.index]
+            return eqn.invars[layer.data_position] == v and rule is not None and rule.proportional_to_input
         rule = operation_rules.get(eqn.index)
         if rule is None:
-            return False  # inside a layer's chain, or not an operation on data: be conservative
-        if isinstance(rule, R.Norm):
+            return False  # inside a layer's chain or an island, or not an operation on data
+        if rule.proportional_to_input:
             return True  # R_in = x * (...)
-        outs_ok = all(zero_ok.get(o, False) for o, a in zip(eqn.outvars, eqn.out_avals) if is_float(a))
-        if isinstance(rule, R.Pass):
-            return outs_ok and _keeps_zero(eqn, v, constant)
-        return outs_ok and isinstance(rule, R.Gradient) and eqn.name in _ROUTING
+        outs_ok = all(
+            zero_ok.get(o, False) for o, a in zip(eqn.outvars, eqn.out_avals, strict=True) if is_float(a)
+        )
+        info = lookup(eqn.primitive)
+        if info is None:
+            return False
+        if rule.is_identity:
+            return outs_ok and info.keeps_zero(eqn, v, constant)
+        return outs_ok and rule.is_gradient and info.routes
 
     def holds(v: int) -> bool:
         return all(consumer_ok(c, v) for c in analysis.consumers.get(v, []))
@@ -128,7 +105,8 @@ def layers_with_vanishing_negative_relevance(
             continue
         if all(
             _is_relu_of(c, z, constant)
-            and isinstance(operation_rules.get(c.index), (R.Pass, R.Gradient))
+            and c.index in operation_rules
+            and (operation_rules[c.index].is_identity or operation_rules[c.index].is_gradient)
             and zero_ok.get(c.outvars[0], False)
             for c in consumers
         ):

@@ -7,18 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import CNN
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import rules as R
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    model = CNN()
-    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
-    return model, model.init(jax.random.PRNGKey(0), x), x
 
 
 def assignment(fn, composite, args, argnums=1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,20 +48,22 @@ def test_streams_batches_to_a_memmap(setup, tmp_path):
     np.testing.assert_allclose(in_memory, argmax, rtol=1e-5, atol=1e-8)
 
 
-def test_memmap_needs_a_size(setup, tmp_path):
+def test_memmap_needs_no_size_but_checks_num_samples(setup, tmp_path):
     model, variables, x = setup
+    # an iterator without len() and no num_samples: the file holds the samples seen
+    result = explain_dataset(
+        model.apply,
+        variables,
+        iter([x[:2], x[2:3]]),
+        composite=C.EpsilonPlus(),
+        out=str(tmp_path / "r.npy"),
+        progress=False,
+    )
+    assert result.shape == np.load(tmp_path / "r.npy").shape == (3, 8, 8, 3)
     with pytest.raises(
-        ValueError, match="give num_samples when writing to out= from an iterator without len"
+        ValueError,
+        match=re.escape("explain_dataset: more samples than num_samples=2 (batch ending at sample 4)"),
     ):
-        explain_dataset(
-            model.apply,
-            variables,
-            iter([x[:2]]),
-            composite=C.EpsilonPlus(),
-            out=str(tmp_path / "r.npy"),
-            progress=False,
-        )
-    with pytest.raises(ValueError, match="more samples than num_samples=2"):
         explain_dataset(
             model.apply,
             variables,

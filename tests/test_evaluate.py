@@ -228,14 +228,16 @@ def numpy_init(model, x, seed):
 
 
 @pytest.fixture(scope="module")
-def cnn():
+def cnn_numpy_init():
+    """The CNN of tests/models.py with NumPy-drawn variables (seed 4) on 4 images (seed 3); not the
+    ``cnn`` fixture of conftest.py (``model.init`` variables, 2 images)."""
     model = CNN()
     x = jnp.asarray(np.random.default_rng(3).uniform(size=(4, 8, 8, 3)), jnp.float32)
     return model, numpy_init(model, x, 4), x
 
 
-def test_parameter_randomization_lrp(cnn):
-    model, variables, x = cnn
+def test_parameter_randomization_lrp(cnn_numpy_init):
+    model, variables, x = cnn_numpy_init
     composite = jaxdtd.composites.EpsilonPlusFlat()
     explain = lambda v, x, t: jaxdtd.explain(model.apply, v, x, target=t, composite=composite)
     nothing = E.parameter_randomization(explain, variables, x, layers=[])
@@ -252,8 +254,8 @@ def test_parameter_randomization_lrp(cnn):
     assert float(result.spearman[2].mean()) < 0.9
 
 
-def test_parameter_randomization_gradient(cnn):
-    model, variables, x = cnn
+def test_parameter_randomization_gradient(cnn_numpy_init):
+    model, variables, x = cnn_numpy_init
     explain = lambda v, x, t: B.gradient(model.apply, v, x, target=t)
     result = E.parameter_randomization(
         explain, variables, x, target=0, layers=["Dense_1", "Dense_0", "Conv_1"], cascading=False,
@@ -270,8 +272,8 @@ def test_parameter_randomization_gradient(cnn):
         E.parameter_randomization(explain, variables, x, target=0, layers=["Dense_9"])
 
 
-def test_lrp_heatmap_beats_random_order_on_cnn(cnn):
-    model, variables, x = cnn
+def test_lrp_heatmap_beats_random_order_on_cnn(cnn_numpy_init):
+    model, variables, x = cnn_numpy_init
     R, y = jaxdtd.explain(model.apply, variables, x, composite=jaxdtd.composites.EpsilonPlusFlat())
     target = jnp.argmax(y, axis=-1)
     opts = dict(target=target, region=2, perturbation="zero")

@@ -273,5 +273,6 @@ def test_path_globs_target_the_same_layer_in_every_framework(setup):
 def test_nnx_module_path_globs_match_nothing(setup):
     """NNX has no name stack: a linen-style module glob does not select any NNX layer."""
     fn, w = frameworks(setup)["nnx_from_nnx"]
-    plan = jaxdtd.trace_plan(fn, targeted("*/Dense_1"), (w, setup["x"]))
+    with pytest.warns(UserWarning, match=r"pattern\(s\) '\*/Dense_1' match no layer"):
+        plan = jaxdtd.trace_plan(fn, targeted("*/Dense_1"), (w, setup["x"]))
     assert not any(why.startswith("layers") for _, _, why in plan.layer_rules)

@@ -6,8 +6,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from models import CNN
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
@@ -20,13 +18,6 @@ class BNNet(nn.Module):
         x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x)))
         x = nn.BatchNorm(use_running_average=True, name="lonely_bn")(jnp.mean(x, axis=(1, 2)))
         return nn.Dense(3)(x)
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    model = CNN()
-    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3))
-    return model, model.init(jax.random.PRNGKey(0), x), x
 
 
 def test_describe_lists_layers_shapes_rules_and_operations(cnn):

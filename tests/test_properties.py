@@ -96,7 +96,7 @@ def make_mlp(seed: int, sizes: tuple[int, ...], bias: str) -> list[dict]:
     draw_bias = nonpositive_bias if bias == "nonpositive" else any_bias
     return [
         {"w": he_normal(rng, (n_in, n_out), n_in), "b": draw_bias(rng, n_out)}
-        for n_in, n_out in zip(sizes[:-1], sizes[1:])
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
     ]
 
 

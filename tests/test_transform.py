@@ -6,20 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import CNN, MLP
+from models import MLP
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import rules as R
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    model = CNN()
-    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 8, 8, 3))
-    variables = model.init(jax.random.PRNGKey(0), x)
-    # shift the first-layer biases negative so that some units are dead: exercises zero denominators
-    return model, variables, x
 
 
 def onehot_score(f, variables, c, n=5):
@@ -31,14 +22,14 @@ def onehot_score(f, variables, c, n=5):
     [C.DeepTaylor(0.0, 1.0), C.EpsilonPlusFlat(), C.EpsilonGammaBox(0.0, 1.0), R.Epsilon(), None],
     ids=["DeepTaylor", "EpsilonPlusFlat", "EpsilonGammaBox", "Epsilon", "None"],
 )
-def test_forward_values_identical(cnn, composite):
-    model, variables, x = cnn
+def test_forward_values_identical(cnn_batch3, composite):
+    model, variables, x = cnn_batch3
     f = dtd.transform(model.apply, composite)
     np.testing.assert_allclose(f(variables, x), model.apply(variables, x), rtol=1e-6, atol=0)
 
 
-def test_none_is_the_plain_gradient(cnn):
-    model, variables, x = cnn
+def test_none_is_the_plain_gradient(cnn_batch3):
+    model, variables, x = cnn_batch3
     f = dtd.transform(model.apply, None)
     got = jax.grad(onehot_score(f, variables, 2))(x)
     want = jax.grad(onehot_score(model.apply, variables, 2))(x)
@@ -63,8 +54,8 @@ def test_gradient_everywhere_is_the_gradient_times_output():
     assert not np.allclose(jax.grad(onehot_score(passing, variables, c))(x), got)
 
 
-def test_relevance_conservation_deep_taylor_bias_free_cnn(cnn):
-    model, variables, x = cnn
+def test_relevance_conservation_deep_taylor_bias_free_cnn(cnn_batch3):
+    model, variables, x = cnn_batch3
     variables = jax.tree_util.tree_map_with_path(
         lambda p, v: jnp.zeros_like(v) if "bias" in jax.tree_util.keystr(p) else v, variables
     )
@@ -80,8 +71,8 @@ def test_relevance_conservation_deep_taylor_bias_free_cnn(cnn):
         assert (relevance[y[:, c] < 0] <= 0).all()  # a negative score spreads negative relevance
 
 
-def test_explain_matches_grad_and_targets(cnn):
-    model, variables, x = cnn
+def test_explain_matches_grad_and_targets(cnn_batch3):
+    model, variables, x = cnn_batch3
     comp = C.EpsilonPlusFlat()
     f = dtd.transform(model.apply, comp)
     target = jnp.array([0, 3, 4])
@@ -97,8 +88,8 @@ def test_explain_matches_grad_and_targets(cnn):
     np.testing.assert_array_equal(r_default, r_argmax)
 
 
-def test_jit_of_function_and_of_grad_equals_eager(cnn):
-    model, variables, x = cnn
+def test_jit_of_function_and_of_grad_equals_eager(cnn_batch3):
+    model, variables, x = cnn_batch3
     f = dtd.transform(model.apply, C.EpsilonGammaBox(0.0, 1.0))
     np.testing.assert_allclose(jax.jit(f)(variables, x), f(variables, x), rtol=1e-6)
     grad = jax.grad(onehot_score(f, variables, 1))
@@ -110,8 +101,8 @@ def test_jit_of_function_and_of_grad_equals_eager(cnn):
     np.testing.assert_allclose(jitted_explain(variables, x)[0], eager, rtol=1e-5, atol=1e-8)
 
 
-def test_vmap_over_single_samples_equals_batch(cnn):
-    model, variables, x = cnn
+def test_vmap_over_single_samples_equals_batch(cnn_batch3):
+    model, variables, x = cnn_batch3
     comp = C.EpsilonPlusFlat()
     batched, _ = dtd.explain(model.apply, variables, x, target=2, composite=comp)
 
@@ -122,8 +113,8 @@ def test_vmap_over_single_samples_equals_batch(cnn):
     np.testing.assert_allclose(jax.vmap(single)(x), batched, rtol=1e-5, atol=1e-8)
 
 
-def test_inside_lax_scan_over_batches(cnn):
-    model, variables, x = cnn
+def test_inside_lax_scan_over_batches(cnn_batch3):
+    model, variables, x = cnn_batch3
     comp = C.DeepTaylor(0.0, 1.0)
     batches = jnp.stack([x, x[::-1], x * 0.5])
 
@@ -138,8 +129,8 @@ def test_inside_lax_scan_over_batches(cnn):
     np.testing.assert_allclose(total, scanned.sum(), rtol=1e-5)
 
 
-def test_weights_get_zero_cotangent(cnn):
-    model, variables, x = cnn
+def test_weights_get_zero_cotangent(cnn_batch3):
+    model, variables, x = cnn_batch3
     f = dtd.transform(model.apply, C.EpsilonPlusFlat())
     grads = jax.grad(lambda v: (f(v, x) * jax.nn.one_hot(1, 5)).sum())(variables)
     for leaf in jax.tree_util.tree_leaves(grads):
@@ -185,8 +176,8 @@ def test_pytree_input_and_output():
     np.testing.assert_allclose(rel["b"], [[6.0]], rtol=1e-6)
 
 
-def test_traced_once_per_signature(cnn, monkeypatch):
-    model, variables, x = cnn
+def test_traced_once_per_signature(cnn_batch3, monkeypatch):
+    model, variables, x = cnn_batch3
     import jaxdtd.api as api
 
     calls = []
@@ -228,9 +219,9 @@ def test_batchnorm_style_scale_is_folded_into_kernel():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_precision_models_match_float32(cnn, dtype):
+def test_low_precision_models_match_float32(cnn_batch3, dtype):
     """Denominators are formed in float32, so bf16/fp16 relevance tracks the float32 relevance."""
-    model, variables, x = cnn
+    model, variables, x = cnn_batch3
     low = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables)
     for comp in (C.EpsilonGammaBox(0.0, 1.0), C.DeepTaylor(0.0, 1.0), C.EpsilonPlusFlat()):
         r32, _ = dtd.explain(model.apply, variables, x, target=0, composite=comp)

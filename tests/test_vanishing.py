@@ -15,6 +15,7 @@ import jaxdtd as dtd
 from jaxdtd import composites as C
 from jaxdtd import interpret
 from jaxdtd import rules as R
+from jaxdtd.units import LayerUnit
 
 jax.config.update("jax_enable_x64", False)
 
@@ -46,7 +47,7 @@ def _two_layers(act, combine=None):
 
 def _found(net, composite) -> list[bool]:
     plan = dtd.trace_plan(net, composite, (_params(), X))
-    return [s.positive_output_relevance for s in plan.steps if s.kind == "layer"]
+    return [u.positive_output_relevance for u in plan.units if isinstance(u, LayerUnit)]
 
 
 def _gamma_then(second):
@@ -150,7 +151,7 @@ def test_cnn_gamma_equal_and_cheaper(monkeypatch):
     model, variables, x = _cnn()
     composite = C.EpsilonGammaBox(-3.0, 3.0)
     plan = dtd.trace_plan(model.apply, composite, (variables, x))
-    assert [s.positive_output_relevance for s in plan.steps if s.kind == "layer"] == [
+    assert [u.positive_output_relevance for u in plan.units if isinstance(u, LayerUnit)] == [
         True,  # Conv_0 (z^B; no group to drop, but the fact holds)
         True,  # Conv_1 (gamma)
         True,  # Dense_0 (epsilon)
@@ -178,7 +179,7 @@ def test_resnet_block_output_conv_keeps_both_groups(monkeypatch):
     variables = model.init(jax.random.PRNGKey(3), x)
     composite = C.EpsilonGammaBox(0.0, 1.0)
     plan = dtd.trace_plan(model.apply, composite, (variables, x))
-    found = {s.layer.module_path: s.positive_output_relevance for s in plan.steps if s.kind == "layer"}
+    found = {u.layer.module_path: u.positive_output_relevance for u in plan.units if isinstance(u, LayerUnit)}
     # the stem and each block's first conv feed a ReLU; the second conv and the projection
     # shortcut feed the residual sum (whose relevance goes to negative addends too); head: logits
     expected = {path: path.endswith(("stem_conv", "conv1")) for path in found}

@@ -296,7 +296,7 @@ def _tensor_array(ref: _TensorRef) -> np.ndarray:
     dtype = base.dtype.newbyteorder("=")
     if math.prod(ref.shape) == 0:
         return np.zeros(ref.shape, dtype)
-    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True))
     if last >= base.size:  # as_strided would read memory outside the buffer
         raise ValueError(
             f"tensor of size {ref.shape}, stride {ref.stride} at offset {ref.offset} reaches element "

@@ -96,7 +96,7 @@ def logits_reference() -> None:
     top5 = np.argsort(-logits64, axis=1)[:, :5]
     noise = np.abs(logits32 - logits64).max() / np.abs(logits64).max()
     print(f"torch float32 vs float64: max |diff| / max |logit| = {noise:.2e}")
-    for name, row, top in zip(PHOTOS, logits64, top5):
+    for name, row, top in zip(PHOTOS, logits64, top5, strict=True):
         probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
         print(name, [(int(i), round(float(probs[i]), 4)) for i in top])
     assert 281 <= top5[0, 0] <= 285, "chelsea should be a cat"
