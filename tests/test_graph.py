@@ -10,17 +10,7 @@ from models import CNN, MLP
 
 from jaxdtd import graph as G
 from jaxdtd import trace as T
-
-
-def _leaf_name(path: tuple) -> str:
-    """``params/Dense_0/kernel``: the leaf's key path inside its argument (as jaxdtd.api names it)."""
-    parts = []
-    for key in path[1:]:  # drop the argument index
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
+from jaxdtd.api import _leaf_name
 
 
 def analysed(fn, args: tuple, argnums: tuple[int, ...] = (1,)) -> tuple[T.Program, G.Analysis]:
