@@ -218,6 +218,19 @@ def plan(
         for eqn in program.equations
         if composite.operation_rule_for(eqn.name, eqn.name_stack) is not None
     }
+    for eqn in program.equations:  # the scalings fused after a Norm reduction belong to it, not to islands
+        if (
+            eqn.index in excluded
+            or not any(v in live for v in eqn.outvars)
+            or not any(analysis.data_mask(eqn))
+        ):
+            continue
+        info = lookup(eqn.primitive)
+        if info is None or info.elementwise or eqn.name == "stop_gradient":
+            continue
+        found = _operation_rule(eqn, analysis, composite)
+        if not isinstance(found, Problem) and isinstance(found[0], R.Norm):
+            excluded |= {op.equation.index for op in _norm_tail(eqn, analysis)}
     for island in find_islands(program, analysis, live, excluded):
         found = composite.operation_rule_for("island", island.members[-1].name_stack, unit="island")
         if found is not None:
