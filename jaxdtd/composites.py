@@ -37,6 +37,8 @@ from . import rules as R
 from . import selectors as S
 
 __all__ = [
+    "AttnLRP",
+    "CPLRP",
     "Composite",
     "DeepTaylor",
     "EpsilonAlpha2Beta1",
@@ -127,9 +129,10 @@ class Composite:
                     "shape than its input); use Epsilon, ZPlus, ... or Gradient()"
                 )
         for primitive, rule in self.operations:
-            if not isinstance(rule, (R.Pass, R.Norm, R.Gradient)):
+            if not isinstance(rule, R.OperationRule):
                 raise TypeError(
-                    f"Composite.operations['{primitive}'] must be Pass(), Norm() or Gradient(), got {rule!r}"
+                    f"Composite.operations['{primitive}'] must be an operation rule (Pass(), Norm(), "
+                    f"Uniform() or Gradient()), got {rule!r}"
                 )
 
     def entries(self) -> tuple[tuple[S.Selector, R.Rule, str], ...]:
@@ -260,3 +263,37 @@ def DeepTaylor(low: Any = None, high: Any = None, stabilizer: float = 1e-6) -> C
         first = R.ZBox(low, high, stabilizer=stabilizer, zero_bias=True)
     plus = R.ZPlus(stabilizer=stabilizer, zero_bias=True)
     return Composite(first=first, conv=plus, dense=plus, name="DeepTaylor")
+
+
+#: the primitives whose operations AttnLRP maps to LRP-0: sums of data values (residuals), shifts by
+#: constants (a constant addend absorbs its share), reductions (mean pooling, LayerNorm's mean)
+_LRP0_OPERATIONS = ("add", "add_any", "sub", "reduce_sum", "reduce_window_sum")
+
+
+def AttnLRP(epsilon: float = 0.0) -> Composite:  # noqa: N802
+    """AttnLRP (Achtibat et al., ICML 2024) as LXT 2.1's efficient mode computes it.
+
+    LRP-epsilon with ``epsilon = 0`` (LRP-0, safe division) on dense and conv layers, sums, shifts
+    and reductions; the uniform rule on products of data values (``q @ k.T``, ``A @ v``, gates):
+    each factor gets half; the identity rule on elementwise nonlinearities (GELU, SiLU, ...: islands);
+    the softmax rule ``R_x = x (R_A - A sum R_A)``; LayerNorm and RMSNorm with the standard deviation
+    a constant (every composite does this) and the centering kept.  Relevance is not conserved
+    (biases absorb, softmax is not conservative).  A positive ``epsilon`` stabilizes every division.
+    """
+    lrp0 = R.Norm(epsilon)
+    rules = [
+        (S.UnitKind("softmax"), R.Norm(epsilon)),
+        (S.UnitKind("operation") & S.Primitive("mul"), R.Uniform(epsilon)),
+        (S.UnitKind("operation") & S.Primitive("dot_general"), R.Uniform(epsilon)),
+        *((S.UnitKind("operation") & S.Primitive(p), lrp0) for p in _LRP0_OPERATIONS),
+        (S.UnitKind("layer"), R.Epsilon(epsilon)),
+    ]
+    return Composite(rules=rules, name="AttnLRP")
+
+
+def CPLRP(epsilon: float = 0.0) -> Composite:  # noqa: N802
+    """CP-LRP (Ali et al. 2022, as LXT 2.1 applies it): AttnLRP with every softmax output (the
+    attention weights) held constant, as if ``q`` and ``k`` were detached: no relevance flows through
+    the attention scores, and ``A @ v`` gives all of its relevance to ``v`` (LRP-0 on the linear map
+    ``v -> A v``).  Differs strongly from :func:`AttnLRP`; never a silent fallback."""
+    return dataclasses.replace(AttnLRP(epsilon), cuts=("*:softmax",), name="CPLRP")

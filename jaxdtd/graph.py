@@ -6,8 +6,9 @@
 * **Non-negative**: data values that are provably ``>= 0`` (outputs of ReLU, ReLU6, clipping at a
   non-negative bound, pooling or reshaping of non-negative values, ...).  Rules skip their ``x-``
   branches on such inputs.
-* **Affine layers**: each ``dot_general`` / ``conv_general_dilated`` with one data and one constant
-  operand, grouped with the single-use chain of constant-operand ops after it (bias add, BatchNorm's
+* **Affine layers**: each ``dot_general`` / ``conv_general_dilated`` with one data operand and one
+  that does not depend on the explained input (a weight; a detached computed value is no kernel),
+  grouped with the single-use chain of constant-operand ops after it (bias add, BatchNorm's
   subtract/scale/shift) into ``z = A(x) + b``.  Per-output-channel scales are folded into the kernel
   so that the rules see the folded weights (rules.md, BatchNorm).
 """
@@ -26,7 +27,7 @@ import numpy as np
 from .primitives import lookup
 from .trace import Constant, Equation, Program
 
-__all__ = ["AffineLayer", "Analysis", "ChainOp", "analyse", "chain_op", "is_float"]
+__all__ = ["AffineLayer", "Analysis", "ChainOp", "analyse", "chain_op", "consumers_of", "is_float"]
 
 
 def is_float(aval: Any) -> bool:
@@ -244,9 +245,9 @@ def analyse(
         if info is not None and info.sign(eqn, known_sign_ok):
             non_negative.update(eqn.outvars)
 
-    consumers = _consumers(program)
+    consumers = consumers_of(program)
     layers, absorbed, layer_at = _find_layers(
-        program, data, non_negative, uses, consumers, producer, leaf_names
+        program, data, dependent, non_negative, uses, consumers, producer, leaf_names
     )
     return Analysis(
         data=frozenset(data),
@@ -263,7 +264,7 @@ def analyse(
     )
 
 
-def _consumers(program: Program) -> dict[int, list[Equation]]:
+def consumers_of(program: Program) -> dict[int, list[Equation]]:
     consumers: dict[int, list[Equation]] = {}
     for eqn in program.equations:
         for atom in eqn.invars:
@@ -306,7 +307,7 @@ def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[
     return all(size == 1 or d in features for d, size in enumerate(padded))
 
 
-def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_names):
+def _find_layers(program, data, dependent, non_negative, uses, consumers, producer, leaf_names):
     layers: list[AffineLayer] = []
     absorbed: set[int] = set()
     layer_at: dict[int, AffineLayer] = {}
@@ -317,7 +318,14 @@ def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_na
         data_in = [i for i, a in enumerate(eqn.invars) if not isinstance(a, Constant) and a in data]
         info = lookup(eqn.primitive)
         kind = info.linear if info is not None else None
-        if kind is not None and len(data_in) == 1 and len(eqn.invars) == 2:
+        # the other operand must be a constant of the model (a weight), not a value computed from the
+        # explained input and detached (CP-LRP's stop_gradient(A) @ v is an operation, not a layer)
+        if (
+            kind is not None
+            and len(data_in) == 1
+            and len(eqn.invars) == 2
+            and not _is_dependent(eqn.invars[1 - data_in[0]], dependent)
+        ):
             if eqn.name == "conv_general_dilated" and (
                 data_in[0] != 0 or eqn.params.get("batch_group_count", 1) != 1
             ):
@@ -369,6 +377,10 @@ def _find_layers(program, data, non_negative, uses, consumers, producer, leaf_na
             continue
         _propagate(eqn, data, after_layer)
     return tuple(layers), absorbed, layer_at
+
+
+def _is_dependent(atom: Any, dependent: set[int]) -> bool:
+    return not isinstance(atom, Constant) and atom in dependent
 
 
 def _propagate(eqn: Equation, data: set[int], after_layer: set[int]) -> None:

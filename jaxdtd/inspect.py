@@ -137,7 +137,11 @@ def _describe_plan(the_plan: Plan) -> Description:
         )
     counts = Counter((eqn.name, type(rule).__name__, why) for eqn, rule, why in the_plan.operations)
     counts.update(
-        ("island(" + "+".join(e.name for e in unit.members) + ")", type(unit.rule).__name__, unit.reason)
+        (
+            f"{unit.kind}(" + "+".join(e.name for e in unit.members) + ")",
+            type(unit.rule).__name__,
+            unit.reason,
+        )
         for unit in the_plan.units
         if isinstance(unit, IslandUnit)
     )

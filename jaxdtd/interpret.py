@@ -23,10 +23,11 @@ import numpy as np
 from . import rules as R
 from .composites import Composite
 from .errors import Problem, UnsupportedOperationError
-from .graph import AffineLayer, Analysis, ChainOp, chain_op, is_float
+from .graph import AffineLayer, Analysis, ChainOp, chain_op, consumers_of, is_float
 from .primitives import Context, Unsupported, lookup
+from .recognize import find_softmax, find_statistics
 from .trace import Constant, Equation, Program
-from .units import Bind, LayerUnit, OperationUnit, Unit, find_islands
+from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, find_islands
 from .vanishing import layers_with_vanishing_negative_relevance
 
 __all__ = ["Plan", "evaluate", "initial_relevance", "plan", "relevance_liveness", "select_values"]
@@ -71,13 +72,20 @@ def select_values(
     matches (``"*/Conv_3"``, ``"params/Dense_0/kernel"``); if no layer matches, the output of each
     module whose path matches: the last floating-point result of its equations (``"*/Embed_0"``,
     the embedding lookup).  ``"glob:primitive"`` chooses the results of the equations of that
-    primitive under matching module paths.  A pattern that chooses nothing raises ``ValueError``
+    primitive under matching module paths; ``"glob:softmax"`` the output of each softmax
+    (:func:`jaxdtd.recognize.find_softmax`).  A pattern that chooses nothing raises ``ValueError``
     naming the module paths that exist."""
     chosen: dict[int, str] = {}
     for pattern in patterns:
         glob, _, primitive = str(pattern).partition(":")
         found = []
-        if primitive:
+        if primitive == "softmax":  # a unit, not a primitive: the softmax's output
+            found = [
+                (f"{m.members[-1].name_stack}:softmax#{m.members[-1].index}", m.output)
+                for m in find_softmax(program, consumers_of(program), _producers(program))
+                if fnmatch.fnmatchcase(m.members[-1].name_stack, glob)
+            ]
+        elif primitive:
             found = [
                 (f"{eqn.name_stack}:{primitive}#{eqn.index}", v)
                 for eqn in program.equations
@@ -110,6 +118,10 @@ def select_values(
         for name, v in found:
             chosen.setdefault(v, name)
     return tuple((name, v) for v, name in chosen.items())
+
+
+def _producers(program: Program) -> dict[int, Equation]:
+    return {v: eqn for eqn in program.equations for v in eqn.outvars}
 
 
 def _batch_statistics(eqn: Equation, analysis: Analysis, depth: int = 8) -> bool:
@@ -152,6 +164,14 @@ def _operation_rule(eqn: Equation, analysis: Analysis, composite: Composite) -> 
         rule = info.relevance(eqn, ctx)
         if isinstance(rule, Unsupported):
             return _problem(eqn, analysis, rule.reason, rule.fix)
+    if isinstance(rule, R.Uniform) and ctx.n_data > 1 and eqn.name not in _MULTILINEAR:
+        return _problem(
+            eqn,
+            analysis,
+            f"Uniform() shares the relevance of a product; '{eqn.name}' of {ctx.n_data} data values "
+            "is not one",
+            "use Norm() for sums of data values",
+        )
     if rule.is_identity and ctx.n_data != 1:
         return _problem(eqn, analysis, "Pass() needs exactly one data operand")
     if rule.is_identity:
@@ -166,6 +186,11 @@ def _operation_rule(eqn: Equation, analysis: Analysis, composite: Composite) -> 
                 eqn, analysis, f"Pass() needs an elementwise operation (operand {shape}, result {out})"
             )
     return rule, why
+
+
+_MULTILINEAR = ("mul", "dot_general")
+#: AttnLRP's softmax rule (Prop. 3.1): LRP-0 on the whole softmax, R_x = x (R_A - A sum R_A)
+_SOFTMAX_RULE = R.Norm(0.0)
 
 
 def _norm_tail(eqn: Equation, analysis: Analysis) -> tuple[ChainOp, ...]:
@@ -213,11 +238,21 @@ def plan(
         covered.update(e.index for e in (layer.linear, *(op.equation for op in layer.chain)))
 
     excluded = covered | cuts
-    excluded |= {
-        eqn.index
-        for eqn in program.equations
-        if composite.operation_rule_for(eqn.name, eqn.name_stack) is not None
-    }
+    for match in find_softmax(program, analysis.consumers, analysis.producer):
+        indices = {eqn.index for eqn in match.members}
+        if (
+            match.output not in live
+            or not analysis.is_data(match.input)
+            or indices & excluded
+            or not all(analysis.is_data(v) for eqn in match.members[-1:] for v in eqn.invars)
+        ):
+            continue
+        found = composite.operation_rule_for("softmax", match.members[-1].name_stack, unit="softmax")
+        rule, why = found if found is not None else (_SOFTMAX_RULE, "softmax (AttnLRP)")
+        unit = IslandUnit(match.members, match.input, match.output, rule, why, kind="softmax")
+        units[match.members[-1].index] = unit
+        covered.update(indices)
+        excluded |= indices
     for eqn in program.equations:  # the scalings fused after a Norm reduction belong to it, not to islands
         if (
             eqn.index in excluded
@@ -240,6 +275,9 @@ def plan(
 
     operation_rules: dict[int, R.Rule] = {}
     reasons: dict[int, str] = {}
+    batch_statistics = {
+        eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent, batch=True)
+    }
     for eqn in program.equations:
         if eqn.index in covered:
             continue
@@ -250,6 +288,16 @@ def plan(
         if not any(data) or eqn.name == "stop_gradient" or not any(v in live for v in eqn.outvars):
             if any(data) and eqn.name == "convert_element_type" and not is_float(eqn.out_avals[0]):
                 problems.extend(_cast_problem(eqn, analysis, program))
+            continue
+        if eqn.index in batch_statistics:
+            problems.append(
+                _problem(
+                    eqn,
+                    analysis,
+                    "a normalization statistic over the batch axis (each example's relevance would "
+                    "depend on the others)",
+                )
+            )
             continue
         found = _operation_rule(eqn, analysis, composite)
         if isinstance(found, Problem):

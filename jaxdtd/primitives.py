@@ -208,19 +208,28 @@ def _cast(eqn: Any, ctx: Context) -> R.Rule | Unsupported:
     )
 
 
-_PRODUCT_FIX = (
-    "no rule for products of two data values exists yet; if one factor should be a constant for the "
-    "explanation (a gate, an attention weight), detach it with jax.lax.stop_gradient"
-)
+_UNIFORM = R.Uniform()
 
 
-def _linear_of_data(eqn: Any, ctx: Context) -> Unsupported:
+def _product(eqn: Any, ctx: Context) -> R.Rule:
+    """``a * b``: Pass with a constant factor; the uniform rule for a product of two data values
+    (a gate, ``h * sigmoid(g)`` across branches)."""
+    return _PASS if ctx.n_data == 1 else _UNIFORM
+
+
+def _contraction(eqn: Any, ctx: Context) -> R.Rule | Unsupported:
+    """A ``dot_general`` or convolution that is not an affine layer (those have a parameter as the
+    other operand): both operands data (``q @ k.T``, ``A @ v``) -> the uniform rule; one data operand
+    and a detached computed one (CP-LRP's ``stop_gradient(A) @ v``) -> Norm, LRP-epsilon on the
+    linear map with the computed operand held constant (never a dense-layer rule)."""
+    if eqn.name == "conv_general_dilated" and not ctx.data[0]:
+        return Unsupported(
+            "a convolution whose kernel, not its input, is the explained data",
+            "explain the convolution's input instead (argnums)",
+        )
     if all(ctx.data):
-        return Unsupported("both operands depend on the explained input (e.g. attention)", _PRODUCT_FIX)
-    return Unsupported(
-        "a convolution whose kernel, not its input, is the explained data",
-        "explain the convolution's input instead (argnums)",
-    )
+        return _UNIFORM
+    return _NORM
 
 
 # --- the table --------------------------------------------------------------------------------------
@@ -374,7 +383,7 @@ _register(
 )
 multilinear(
     "mul",
-    relevance=_pass_or("product of two data-dependent values", _PRODUCT_FIX),
+    relevance=_product,
     sign=_all_operands,
     keeps_zero=keeps_zero_always,
     elementwise=True,
@@ -383,8 +392,8 @@ multilinear("div", relevance=_divide, sign=_all_operands, keeps_zero=_zero_numer
 multilinear(
     "pow", relevance=_pass_or("a power whose exponent depends on the explained input"), elementwise=True
 )
-multilinear("dot_general", "dense", relevance=_linear_of_data)
-multilinear("conv_general_dilated", "conv", relevance=_linear_of_data)
+multilinear("dot_general", "dense", relevance=_contraction)
+multilinear("conv_general_dilated", "conv", relevance=_contraction)
 reduction("reduce_sum", "reduce_window_sum")
 for _name, _param in (
     ("jit", "jaxpr"),

@@ -45,6 +45,7 @@ __all__ = [
     "OperationRule",
     "Pass",
     "Rule",
+    "Uniform",
     "WSquare",
     "ZBox",
     "ZPlus",
@@ -472,6 +473,36 @@ class Norm(OperationRule):
         _, pullback = jax.vjp(f, *inputs)
         grads = pullback(s.astype(output.dtype))
         return tuple((x * g).astype(x.dtype) for x, g in zip(inputs, grads, strict=True))
+
+    def for_affine_layer(self) -> AffineRule:
+        return Epsilon(self.stabilizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(OperationRule):
+    """The uniform rule for products of data values (AttnLRP, Achtibat et al. 2024, Prop. 3.3), with
+    LRP-epsilon on the product: each of the ``n`` data operands of a multilinear ``y = f(x_1..x_n)``
+    (``a * b``, ``q @ k.T``, ``A @ v``) gets an equal share,
+
+    ``R_i = (1/n) x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``,
+
+    so ``R_a = R_b = R_y / 2`` for an elementwise ``y = a * b`` and, for ``S = Q K^T``,
+    ``R_Q,ad = 1/2 sum_b Q_ad K_bd R_S,ab / S_ab``.  ``stabilizer = 0`` (AttnLRP, LXT) is LRP-0
+    with safe division.  With one data operand (a product with a constant) it is :class:`Norm`.
+    Only multilinear operations may use it: on a sum it would halve the relevance."""
+
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_non_negative("Uniform", stabilizer=self.stabilizer)
+
+    @property
+    def proportional_to_input(self) -> bool:
+        return True
+
+    def relevance(self, f, inputs, output, relevance):
+        shares = Norm(self.stabilizer).relevance(f, inputs, output, relevance)
+        return tuple((r / len(inputs)).astype(r.dtype) for r in shares)
 
     def for_affine_layer(self) -> AffineRule:
         return Epsilon(self.stabilizer)

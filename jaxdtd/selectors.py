@@ -9,7 +9,7 @@ dataclass with ``matches(target)`` and a ``str()`` that :func:`jaxdtd.describe` 
   layer, the weight's pytree path (``"params/Dense_1/kernel"``) matches the glob;
 * :class:`First`: an affine layer whose input passes through no other affine layer;
 * :class:`LayerKind` ``("dense" | "conv")``;
-* :class:`UnitKind` ``("layer" | "operation" | "island")``;
+* :class:`UnitKind` ``("layer" | "operation" | "island" | "softmax")``;
 * :class:`Primitive` ``(name)``: the primitive (``"tanh"``; for a layer ``"dot_general"`` or
   ``"conv_general_dilated"``);
 * :class:`Default`: everything;
@@ -27,11 +27,15 @@ import fnmatch
 __all__ = ["Both", "Default", "First", "LayerKind", "Path", "Primitive", "Selector", "Target", "UnitKind"]
 
 
+#: what a rule can act on: affine layers, single operations, elementwise islands, softmax units
+UNIT_KINDS = ("layer", "operation", "island", "softmax")
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """What a selector sees of a layer or an operation."""
 
-    unit: str  # "layer", "operation" or "island"
+    unit: str  # one of UNIT_KINDS
     primitive: str
     module_path: str = ""
     param_path: str = ""
@@ -91,8 +95,10 @@ class UnitKind(Selector):
     kind: str
 
     def __post_init__(self) -> None:
-        if self.kind not in ("layer", "operation", "island"):
-            raise ValueError(f"UnitKind: kind must be 'layer', 'operation' or 'island', got {self.kind!r}")
+        if self.kind not in UNIT_KINDS:
+            raise ValueError(
+                f"UnitKind: kind must be one of {', '.join(map(repr, UNIT_KINDS))}, got {self.kind!r}"
+            )
 
     def matches(self, target: Target) -> bool:
         return target.unit == self.kind

@@ -274,6 +274,7 @@ class IslandUnit(Unit):
     output: int
     rule: R.OperationRule = R.Pass()
     reason: str = "elementwise island"
+    kind: str = "island"  # or "softmax" (jaxdtd.recognize.find_softmax): the same unit, other members
 
     def equations(self) -> tuple[Equation, ...]:
         return self.members

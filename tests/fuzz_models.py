@@ -146,14 +146,20 @@ class Reshape:
 @dataclasses.dataclass(frozen=True)
 class Unsupported:
     """An operation of the data that no relevance rule covers: ``sort``, ``cumsum``, ``cond``
-    (data-dependent ``lax.cond``), ``loop`` (``lax.fori_loop``, a scan over data) or ``gate``
-    (``x * sum(x)``, a product of two data values)."""
+    (data-dependent ``lax.cond``), ``loop`` (``lax.fori_loop``, a scan over data) or ``quotient``
+    (``x / (1 + sum(|x|))``, a division by a data value; products of data values have the uniform rule)."""
 
     name: str
 
 
 #: The primitive each unsupported op is reported as.
-UNSUPPORTED_PRIMITIVE = {"sort": "sort", "cumsum": "cumsum", "cond": "cond", "loop": "scan", "gate": "mul"}
+UNSUPPORTED_PRIMITIVE = {
+    "sort": "sort",
+    "cumsum": "cumsum",
+    "cond": "cond",
+    "loop": "scan",
+    "quotient": "div",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +247,8 @@ def _unsupported(op: Unsupported, x):
         return jax.lax.cond(x.sum() > 0, lambda v: 0.5 * v, lambda v: v, x)
     if op.name == "loop":
         return jax.lax.fori_loop(0, 2, lambda i, v: 0.5 * v, x)
-    if op.name == "gate":
-        return x * jnp.sum(x, axis=-1, keepdims=True)
+    if op.name == "quotient":
+        return x / (1.0 + jnp.sum(jnp.abs(x), axis=-1, keepdims=True))
     raise ValueError(op.name)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import jaxdtd as dtd
 from jaxdtd import rules as R
+from jaxdtd.units import Bind, IslandUnit
 
 ELEMENTWISE = {
     "relu": jax.nn.relu,
@@ -100,14 +101,34 @@ def test_where_on_a_constant_mask_routes_relevance():
 
 
 @pytest.mark.parametrize(
-    ("name", "act", "primitive", "reason"),
+    ("name", "act", "unit"),
     [
-        ("glu", lambda v: jax.nn.glu(jnp.concatenate([v, v[:, ::-1]], axis=1)), "mul", "product of two"),
-        ("softmax", jax.nn.softmax, "div", "division by a data-dependent value"),
-        ("linen.softmax", nn.softmax, "div", "division by a data-dependent value"),
-        ("standardize", jax.nn.standardize, "mul", "product of two"),
+        ("glu", lambda v: jax.nn.glu(jnp.concatenate([v, v[:, ::-1]], axis=1)), "Uniform"),
+        ("softmax", jax.nn.softmax, "softmax"),
+        ("linen.softmax", nn.softmax, "softmax"),
+        ("standardize", jax.nn.standardize, "rsqrt cut"),
     ],
 )
-def test_non_elementwise_activation_gets_a_named_error(name, act, primitive, reason):
+def test_non_elementwise_activations_get_their_transformer_rule(name, act, unit):
+    """GLU's product: the uniform rule; softmax: one softmax unit; standardize: its standard
+    deviation is a constant (a cut ``rsqrt``), the centering is kept."""
+    the_plan = dtd.trace_plan(lambda w, v: act(v) @ w, R.Epsilon(), (W, X))
+    if unit == "Uniform":
+        assert [type(r).__name__ for e, r, _ in the_plan.operations if e.name == "mul"] == ["Uniform"]
+    elif unit == "softmax":
+        assert [u.kind for u in the_plan.units if isinstance(u, IslandUnit)] == ["softmax"]
+    else:
+        assert [u.equation.name for u in the_plan.units if isinstance(u, Bind) and u.cut] == ["rsqrt"]
+    assert np.all(np.isfinite(_relevance(lambda w, v: act(v) @ w, X)))
+
+
+@pytest.mark.parametrize(
+    ("name", "act", "primitive", "reason"),
+    [
+        ("l1-normalize", lambda v: v / jnp.abs(v).sum(axis=1, keepdims=True), "div", "division by a data"),
+        ("cumsum", lambda v: jnp.cumsum(v, axis=1), "cumsum", "cumulative sum"),
+    ],
+)
+def test_non_elementwise_operation_without_rule_gets_a_named_error(name, act, primitive, reason):
     with pytest.raises(dtd.UnsupportedOperationError, match=rf"primitive '{primitive}'.*{reason}"):
         _relevance(lambda w, v: act(v) @ w, X)

@@ -16,11 +16,11 @@ from jaxdtd import composites as C
 from jaxdtd import rules as R
 
 
-class Product(nn.Module):
+class Quotient(nn.Module):
     @nn.compact
     def __call__(self, x):
         a, b = nn.Dense(4)(x), nn.Dense(4)(x)
-        h = a * b  # PRODUCT_LINE: a product of two data values
+        h = a / b  # QUOTIENT_LINE: a division by a data value
         return nn.Dense(2)(h)
 
 
@@ -34,8 +34,8 @@ class ThreeProblems(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(4)(x)
-        g = h * nn.Dense(4, name="Gate")(x)  # PROBLEM_1
-        s = jax.nn.softmax(g)  # PROBLEM_2
+        g = h / nn.Dense(4, name="Gate")(x)  # PROBLEM_1
+        s = jnp.sort(g, axis=1)  # PROBLEM_2
         c = jax.lax.cumsum(s, axis=1)  # PROBLEM_3
         return nn.Dense(2)(c)
 
@@ -54,34 +54,34 @@ _FIX_LINE = (
     "elementwise operation of one data operand; rules.Norm(): in proportion to each operand's "
     "contribution, for operations linear in the data; rules.Gradient(): the plain gradient)."
 )
-_PRODUCT_FIX = (
-    "Fix: no rule for products of two data values exists yet; if one factor should be a constant for "
-    "the explanation (a gate, an attention weight), detach it with jax.lax.stop_gradient"
+_DIVISION_FIX = (
+    "Fix: if the divisor should be a constant for the explanation (a normalization), detach it with "
+    "jax.lax.stop_gradient"
 )
 
 
-def test_product_of_data_names_primitive_module_and_source_line():
-    model, x = Product(), jnp.ones((2, 3))
+def test_division_by_data_names_primitive_module_and_source_line():
+    model, x = Quotient(), jnp.ones((2, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
     f = dtd.transform(model.apply, C.EpsilonPlus())
     with pytest.raises(dtd.UnsupportedOperationError) as info:
         f(variables, x)
-    where = f"{__file__}:{_line_of('PRODUCT_LINE')} (Product.__call__)"
+    where = f"{__file__}:{_line_of('QUOTIENT_LINE')} (Quotient.__call__)"
     assert str(info.value) == "\n".join(
         [
             "jaxdtd has no relevance rule for 1 operation on the explained data:",
-            f"  1. primitive 'mul' at module 'Product', {where}: product of two data-dependent values. "
-            + _PRODUCT_FIX,
-            _FIX_LINE.format(names="'mul'"),
+            f"  1. primitive 'div' at module 'Quotient', {where}: division by a data-dependent value. "
+            + _DIVISION_FIX,
+            _FIX_LINE.format(names="'div'"),
         ]
     )
-    assert info.value.primitive == "mul" and info.value.module_path == "Product"
+    assert info.value.primitive == "div" and info.value.module_path == "Quotient"
     assert len(info.value.problems) == 1
 
 
 def test_every_problem_is_listed_in_one_error_with_the_users_line():
-    """A product, a softmax (its division happens inside jax.nn.softmax, which JAX wraps in jit) and a
-    cumulative sum: one error lists all three, each at the user's line, never '<unknown source>'."""
+    """A division by data, a sort (inside jnp.sort, which JAX wraps in jit) and a cumulative sum:
+    one error lists all three, each at the user's line, never '<unknown source>'."""
     model, x = ThreeProblems(), jnp.ones((2, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
     with pytest.raises(dtd.UnsupportedOperationError) as info:
@@ -90,16 +90,14 @@ def test_every_problem_is_listed_in_one_error_with_the_users_line():
     assert str(info.value) == "\n".join(
         [
             "jaxdtd has no relevance rule for 3 operations on the explained data:",
-            f"  1. primitive 'mul' at module 'ThreeProblems', {line('PROBLEM_1')}: product of two "
-            "data-dependent values. " + _PRODUCT_FIX,
-            f"  2. primitive 'div' at module 'ThreeProblems', {line('PROBLEM_2')}: division by a "
-            "data-dependent value. Fix: if the divisor should be a constant for the explanation (a "
-            "normalization), detach it with jax.lax.stop_gradient",
+            f"  1. primitive 'div' at module 'ThreeProblems', {line('PROBLEM_1')}: division by a "
+            "data-dependent value. " + _DIVISION_FIX,
+            f"  2. primitive 'sort' at module 'ThreeProblems', {line('PROBLEM_2')}: sort of data",
             f"  3. primitive 'cumsum' at module 'ThreeProblems', {line('PROBLEM_3')}: cumulative sum of data",
-            _FIX_LINE.format(names="'mul', 'div', 'cumsum'"),
+            _FIX_LINE.format(names="'div', 'sort', 'cumsum'"),
         ]
     )
-    assert [p.primitive for p in info.value.problems] == ["mul", "div", "cumsum"]
+    assert [p.primitive for p in info.value.problems] == ["div", "sort", "cumsum"]
 
 
 def test_unsupported_operations_behind_stop_gradient_need_no_rule():
@@ -203,7 +201,8 @@ def test_data_dependent_control_flow_is_rejected():
         (
             lambda: C.Composite(operations={"sin": R.Epsilon()}),
             TypeError,
-            r"Composite.operations\['sin'\] must be Pass\(\), Norm\(\) or Gradient\(\)",
+            r"Composite.operations\['sin'\] must be an operation rule \(Pass\(\), Norm\(\), Uniform\(\) or "
+            r"Gradient\(\)\), got Epsilon\(epsilon=1e-06, zero_bias=False\)",
         ),
         (
             lambda: C.Composite(layers={"*": "zplus"}),

