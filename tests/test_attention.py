@@ -353,3 +353,28 @@ def test_layernorm_of_other_frameworks_is_recognised(framework):
         fn = jax.vmap(norm)
     relevance = _relevance(fn, x, C.AttnLRP(), ct)
     np.testing.assert_allclose(relevance, _layernorm_reference(x, ct), rtol=2e-5, atol=1e-6)
+
+
+def test_attnlrp_combines_with_cnn_rules_through_selector_maps():
+    """LXT's ViT mix: z^B on the patch embedding, gamma on every other layer, AttnLRP for the rest
+    (entries in front of AttnLRP's win; AttnLRP's softmax and product rules still apply)."""
+    from jaxdtd import selectors as S
+    from jaxdtd.models.vit import ViT, ViTConfig
+
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_layers=1, num_heads=2,
+        intermediate_size=16, num_labels=3, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    model, x = ViT(config), jnp.ones((1, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    mix = C.Composite(
+        rules=[(S.First(), R.ZBox(0.0, 1.0)), (S.UnitKind("layer"), R.Gamma(0.25)), *C.AttnLRP().rules]
+    )
+    the_plan = dtd.trace_plan(model.apply, mix, (variables, x))
+    rules = [(layer.kind, type(rule).__name__) for layer, rule, _ in the_plan.layer_rules]
+    assert rules[0] == ("conv", "ZBox") and {r for _, r in rules[1:]} == {"Gamma"}
+    products = [type(rule).__name__ for eqn, rule, _ in the_plan.operations if eqn.name == "dot_general"]
+    assert products == ["Uniform", "Uniform"]
+    assert [u.rule for u in the_plan.units if isinstance(u, IslandUnit) and u.kind == "softmax"] == [
+        R.Norm(0.0)
+    ]

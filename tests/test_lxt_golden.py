@@ -88,3 +88,23 @@ def test_real_minilm_attnlrp():
     relevance = _relevance(score, variables, jnp.asarray(g["E"]), C.AttnLRP())
     error = relative_l2(relevance, g["R_attnlrp"])
     assert error < TOLERANCE, error
+
+
+def test_gpt2_from_token_ids_with_relevance_seeded_at_the_embedding_lookup():
+    """Integer token ids in, relevance delivered at the output of the ``wte`` gather (a seed): the
+    same numbers as LXT's relevance at ``inputs_embeds``."""
+    g = golden("lxt_gpt2.npz")
+    model, variables = GPT2(GPT2_TINY), gpt2.from_huggingface(state_of(g), GPT2_TINY)
+    target = jnp.asarray(g["target"])
+
+    def score(v, ids):
+        logits = model.apply(v, ids)
+        return logits[jnp.arange(logits.shape[0]), -1, target][:, None]
+
+    seeded, y = dtd.explain(
+        score, variables, jnp.asarray(g["ids"]), target=0, composite=C.AttnLRP(), seeds=["*/GPT2.embed/wte"]
+    )
+    np.testing.assert_allclose(y[:, 0], g["score"], rtol=1e-5)
+    (relevance,) = seeded.values()
+    error = relative_l2(relevance, g["R_attnlrp"])
+    assert error < TOLERANCE, error
