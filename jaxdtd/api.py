@@ -432,7 +432,7 @@ def _build_plan(
     cuts = frozenset(eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent))
     if composite.cuts:
         producer = analysis.producer
-        chosen = select_values(program, analysis.layers, composite.cuts, "cut")
+        chosen = select_values(program, analysis.layers, composite.cuts, "cut", analysis)
         cuts |= frozenset(producer[v].index for _, v in chosen if v in producer)
     if cuts:
         analysis = analyse(program, explained, leaf_names, cuts=cuts, seeds=seed_vars)

@@ -295,5 +295,7 @@ def CPLRP(epsilon: float = 0.0) -> Composite:  # noqa: N802
     """CP-LRP (Ali et al. 2022, as LXT 2.1 applies it): AttnLRP with every softmax output (the
     attention weights) held constant, as if ``q`` and ``k`` were detached: no relevance flows through
     the attention scores, and ``A @ v`` gives all of its relevance to ``v`` (LRP-0 on the linear map
-    ``v -> A v``).  Differs strongly from :func:`AttnLRP`; never a silent fallback."""
-    return dataclasses.replace(AttnLRP(epsilon), cuts=("*:softmax",), name="CPLRP")
+    ``v -> A v``); in gated units (SwiGLU ``silu(gate x) * up x``) the activated gate is a constant
+    too, so ``up x`` receives all of the product's relevance (LXT's Llama CP-LRP).  Differs strongly
+    from :func:`AttnLRP`; never a silent fallback."""
+    return dataclasses.replace(AttnLRP(epsilon), cuts=("*:softmax", "*:gate"), name="CPLRP")

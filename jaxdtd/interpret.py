@@ -25,7 +25,7 @@ from .composites import Composite
 from .errors import Problem, UnsupportedOperationError
 from .graph import AffineLayer, Analysis, ChainOp, chain_op, consumers_of, is_float
 from .primitives import Context, Unsupported, lookup
-from .recognize import find_softmax, find_statistics
+from .recognize import find_gates, find_softmax, find_statistics
 from .trace import Constant, Equation, Program
 from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, find_islands
 from .vanishing import layers_with_vanishing_negative_relevance
@@ -64,7 +64,11 @@ def relevance_liveness(program: Program, analysis: Analysis) -> frozenset[int]:
 
 
 def select_values(
-    program: Program, layers: Sequence[AffineLayer], patterns: Sequence[str], what: str
+    program: Program,
+    layers: Sequence[AffineLayer],
+    patterns: Sequence[str],
+    what: str,
+    analysis: Analysis | None = None,
 ) -> tuple[tuple[str, int], ...]:
     """The ``(name, variable)`` pairs chosen by ``patterns`` (for taps, seeds and cuts).
 
@@ -73,8 +77,9 @@ def select_values(
     module whose path matches: the last floating-point result of its equations (``"*/Embed_0"``,
     the embedding lookup).  ``"glob:primitive"`` chooses the results of the equations of that
     primitive under matching module paths; ``"glob:softmax"`` the output of each softmax
-    (:func:`jaxdtd.recognize.find_softmax`).  A pattern that chooses nothing raises ``ValueError``
-    naming the module paths that exist."""
+    (:func:`jaxdtd.recognize.find_softmax`), ``"glob:gate"`` the gate of each gated product
+    ``act(g) * u`` under them (:func:`jaxdtd.recognize.find_gates`); these two may choose nothing.
+    Any other pattern that chooses nothing raises ``ValueError`` naming the module paths that exist."""
     chosen: dict[int, str] = {}
     for pattern in patterns:
         glob, _, primitive = str(pattern).partition(":")
@@ -84,6 +89,12 @@ def select_values(
                 (f"{m.members[-1].name_stack}:softmax#{m.members[-1].index}", m.output)
                 for m in find_softmax(program, consumers_of(program), _producers(program))
                 if fnmatch.fnmatchcase(m.members[-1].name_stack, glob)
+            ]
+        elif primitive == "gate" and analysis is not None:  # the gate of act(g) * u
+            found = [
+                (f"{eqn.name_stack}:gate#{eqn.index}", gate)
+                for eqn, gate in find_gates(program, analysis, relevance_liveness(program, analysis))
+                if fnmatch.fnmatchcase(eqn.name_stack, glob)
             ]
         elif primitive:
             found = [
@@ -108,7 +119,7 @@ def select_values(
                             if is_float(aval):
                                 last[eqn.name_stack] = v
                 found = list(last.items())
-        if not found:
+        if not found and primitive not in ("softmax", "gate"):  # a model may have no softmax or gate
             paths = sorted({eqn.name_stack for eqn in program.equations if eqn.name_stack})
             weights = sorted({layer.param_path for layer in layers if layer.param_path})
             raise ValueError(

@@ -8,6 +8,8 @@ Both are found from the structure of the program alone, whatever library wrote t
 * :func:`find_softmax`: ``A = exp(z) / sum(exp(z))`` over an axis, with ``z = x - max(x)`` (the max
   detached or not) or ``z = x``.  The plan evaluates it as one unit from ``x`` to ``A`` under one rule
   (AttnLRP's softmax rule, ``R_x = x (R_A - A sum R_A)``).
+* :func:`find_gates`: the gate of a gated unit, ``act(g) * u`` with ``act`` an elementwise island
+  (SwiGLU's ``silu(gate x) * up x``, GEGLU): the island's output.  CP-LRP holds it constant.
 * :func:`find_statistics`: ``rsqrt`` / ``sqrt`` of a value computed from a reduction over non-batch
   axes of the explained data (the standard deviation of LayerNorm, RMSNorm, ``x / jnp.std(x)``).  Every
   composite treats such a statistic as a constant (AttnLRP: "sigma constant, centering kept"); a
@@ -18,10 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .trace import Constant, Equation, Program
 
-__all__ = ["SoftmaxMatch", "find_softmax", "find_statistics"]
+if TYPE_CHECKING:
+    from .graph import Analysis
+
+__all__ = ["SoftmaxMatch", "find_gates", "find_softmax", "find_statistics"]
 
 _BROADCASTS = ("broadcast_in_dim", "reshape", "expand_dims")
 _STATISTIC_ROOTS = ("rsqrt", "sqrt")
@@ -181,4 +187,36 @@ def find_statistics(
         over_batch = not all(_reduces_non_batch_axes(r) for r in reductions)
         if over_batch == batch:
             found.append(eqn)
+    return tuple(found)
+
+
+def find_gates(program: Program, analysis: Analysis, live: Iterable[int]) -> tuple[tuple[Equation, int], ...]:
+    """``(product, gate)`` for every elementwise product of two data values of which exactly one is
+    the output of an elementwise island (an activation of one value: ``silu(g)`` in
+    ``silu(g) * u``); ``gate`` is that operand."""
+    from .units import find_islands  # units build on the analysis; recognize stays importable alone
+
+    islands = find_islands(program, analysis, frozenset(live))
+    inside = {eqn.index for island in islands for eqn in island.members}  # silu's own x * sigmoid(x)
+    activations = {island.output for island in islands}
+    activations |= {
+        eqn.outvars[0]
+        for eqn in program.equations
+        if eqn.name in ("logistic", "tanh", "erf") and analysis.is_data(eqn.outvars[0])
+    }
+    found = []
+    for eqn in program.equations:
+        if (
+            eqn.name != "mul"
+            or len(eqn.invars) != 2
+            or eqn.index in inside
+            or not all(analysis.data_mask(eqn))
+        ):
+            continue
+        a, b = eqn.invars
+        if a == b or tuple(analysis.avals[a].shape) != tuple(analysis.avals[b].shape):
+            continue
+        gates = [v for v in (a, b) if v in activations]
+        if len(gates) == 1:
+            found.append((eqn, gates[0]))
     return tuple(found)

@@ -378,3 +378,32 @@ def test_attnlrp_combines_with_cnn_rules_through_selector_maps():
     assert [u.rule for u in the_plan.units if isinstance(u, IslandUnit) and u.kind == "softmax"] == [
         R.Norm(0.0)
     ]
+
+
+def test_cplrp_holds_the_swiglu_gate_constant():
+    """CP-LRP on ``down(silu(gate x) * up x)``: the activated gate is a constant (LXT's Llama CP-LRP),
+    so it equals AttnLRP on the same block with the gate detached by hand; AttnLRP splits the
+    product in half instead."""
+
+    def swiglu(p, x, detach=False):
+        gate = jax.nn.silu(x @ p["gate"])
+        gate = jax.lax.stop_gradient(gate) if detach else gate
+        return (gate * (x @ p["up"])) @ p["down"]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    p = {"gate": jax.random.normal(keys[0], (4, 6)), "up": jax.random.normal(keys[1], (4, 6))}
+    p["down"] = jax.random.normal(keys[2], (6, 3))
+    x = jax.random.normal(keys[3], (2, 4))
+
+    def relevance(fn, composite):
+        f = dtd.transform(fn, composite)
+        return np.asarray(jax.grad(lambda x: f(p, x).sum())(x))
+
+    cp = relevance(swiglu, C.CPLRP())
+    by_hand = relevance(lambda p, x: swiglu(p, x, detach=True), C.AttnLRP())
+    np.testing.assert_allclose(cp, by_hand, rtol=1e-6, atol=1e-7)
+    attn = relevance(swiglu, C.AttnLRP())
+    assert np.linalg.norm(attn - cp) > 0.1 * np.linalg.norm(cp)
+    assert [u.cut for u in dtd.trace_plan(swiglu, C.CPLRP(), (p, x)).units if isinstance(u, Bind)].count(
+        True
+    ) == 1

