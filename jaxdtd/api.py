@@ -17,8 +17,7 @@ import numpy as np
 from . import composites as C
 from . import rules as R
 from .graph import analyse
-from .interpret import Plan, evaluate, plan, select_values
-from .recognize import find_statistics
+from .interpret import Plan, cuts_for, evaluate, plan, select_values
 from .trace import trace
 
 __all__ = ["explain", "from_nnx", "transform", "trace_plan"]
@@ -428,12 +427,7 @@ def _build_plan(
     seed_values = select_values(program, (), seeds, "seed") if seeds else ()
     seed_vars = frozenset(v for _, v in seed_values)
     analysis = analyse(program, explained, leaf_names, seeds=seed_vars)
-    # normalization statistics (LayerNorm's sigma) are constants for every composite
-    cuts = frozenset(eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent))
-    if composite.cuts:
-        producer = analysis.producer
-        chosen = select_values(program, analysis.layers, composite.cuts, "cut", analysis)
-        cuts |= frozenset(producer[v].index for _, v in chosen if v in producer)
+    cuts = cuts_for(program, analysis, composite)  # LayerNorm's sigma, the composite's cuts
     if cuts:
         analysis = analyse(program, explained, leaf_names, cuts=cuts, seeds=seed_vars)
     result = plan(program, analysis, composite, cuts=cuts)

@@ -23,14 +23,23 @@ import numpy as np
 from . import rules as R
 from .composites import Composite
 from .errors import Problem, UnsupportedOperationError
-from .graph import AffineLayer, Analysis, ChainOp, chain_op, consumers_of, is_float
+from .graph import AffineLayer, Analysis, ChainOp, analyse, chain_op, consumers_of, is_float
 from .primitives import Context, Unsupported, lookup
 from .recognize import find_gates, find_softmax, find_statistics
-from .trace import Constant, Equation, Program
+from .trace import Constant, Equation, Program, flatten
 from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, find_islands
 from .vanishing import layers_with_vanishing_negative_relevance
 
-__all__ = ["Plan", "evaluate", "initial_relevance", "plan", "relevance_liveness", "select_values"]
+__all__ = [
+    "Plan",
+    "ScanUnit",
+    "cuts_for",
+    "evaluate",
+    "initial_relevance",
+    "plan",
+    "relevance_liveness",
+    "select_values",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +78,7 @@ def select_values(
     patterns: Sequence[str],
     what: str,
     analysis: Analysis | None = None,
+    strict: bool = True,
 ) -> tuple[tuple[str, int], ...]:
     """The ``(name, variable)`` pairs chosen by ``patterns`` (for taps, seeds and cuts).
 
@@ -79,7 +89,8 @@ def select_values(
     primitive under matching module paths; ``"glob:softmax"`` the output of each softmax
     (:func:`jaxdtd.recognize.find_softmax`), ``"glob:gate"`` the gate of each gated product
     ``act(g) * u`` under them (:func:`jaxdtd.recognize.find_gates`); these two may choose nothing.
-    Any other pattern that chooses nothing raises ``ValueError`` naming the module paths that exist."""
+    Any other pattern that chooses nothing raises ``ValueError`` naming the module paths that exist
+    (unless not ``strict``: a scan's body, and a program holding a scan, whose body it may choose from)."""
     chosen: dict[int, str] = {}
     for pattern in patterns:
         glob, _, primitive = str(pattern).partition(":")
@@ -119,7 +130,7 @@ def select_values(
                             if is_float(aval):
                                 last[eqn.name_stack] = v
                 found = list(last.items())
-        if not found and primitive not in ("softmax", "gate"):  # a model may have no softmax or gate
+        if not found and strict and primitive not in ("softmax", "gate"):  # a model may have none
             paths = sorted({eqn.name_stack for eqn in program.equations if eqn.name_stack})
             weights = sorted({layer.param_path for layer in layers if layer.param_path})
             raise ValueError(
@@ -300,6 +311,15 @@ def plan(
             if any(data) and eqn.name == "convert_element_type" and not is_float(eqn.out_avals[0]):
                 problems.extend(_cast_problem(eqn, analysis, program))
             continue
+        if eqn.name == "scan":
+            try:
+                unit = _scan_unit(eqn, analysis, composite)
+            except UnsupportedOperationError as error:
+                problems.extend(error.problems)
+                continue
+            units[eqn.index] = unit
+            covered.add(eqn.index)
+            continue
         if eqn.index in batch_statistics:
             problems.append(
                 _problem(
@@ -344,6 +364,77 @@ def plan(
     return Plan(program, analysis, tuple(ordered), tuple(layer_rules), live, operations)
 
 
+def cuts_for(
+    program: Program, analysis: Analysis, composite: Composite, strict: bool = True
+) -> frozenset[int]:
+    """The equations whose results are constants for the rules: normalization statistics (every
+    composite) and the composite's ``cuts`` patterns."""
+    cuts = frozenset(eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent))
+    if composite.cuts:
+        strict = strict and not any(eqn.name == "scan" for eqn in program.equations)
+        chosen = select_values(program, analysis.layers, composite.cuts, "cut", analysis, strict)
+        cuts |= frozenset(analysis.producer[v].index for _, v in chosen if v in analysis.producer)
+    return cuts
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanUnit(Unit):
+    """A ``scan`` (``jax.lax.scan``, ``nn.scan``, ``fori_loop`` with static bounds) whose body is
+    planned as a program of its own and evaluated inside a ``jax.lax.scan`` with the same length,
+    direction and unrolling: the loop stays a loop (memory like the scanned gradient's), and each
+    iteration applies the rules of the body's units."""
+
+    equation: Equation
+    body: Plan
+
+    def equations(self) -> tuple[Equation, ...]:
+        return (self.equation,)
+
+    def evaluate(self, read) -> list[Any]:
+        params = self.equation.params
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        values = [read(a) for a in self.equation.invars]
+        consts, init, xs = (
+            values[:n_consts],
+            values[n_consts : n_consts + n_carry],
+            values[n_consts + n_carry :],
+        )
+
+        def step(carry, x):
+            outs = evaluate(self.body, [*consts, *carry, *x], explained_outputs=False)
+            return outs[:n_carry], outs[n_carry:]
+
+        carry, ys = jax.lax.scan(
+            step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
+        )
+        return [*carry, *ys]
+
+
+def _scan_unit(eqn: Equation, analysis: Analysis, composite: Composite) -> ScanUnit:
+    """Plan a scan's body: its data inputs are the data operands and, to a fixed point, the carries
+    that the body makes data; layers inside are never ``first`` (they run at every iteration)."""
+    params = eqn.params
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    body = flatten(params["jaxpr"], prefix=eqn.name_stack, call_sites=(eqn.source_info, *eqn.call_sites))
+    data = [analysis.is_data(a) for a in eqn.invars]
+    while True:
+        explained = {v for v, d in zip(body.invars, data, strict=True) if d}
+        body_analysis = analyse(body, explained, {})
+        carry_out = [body_analysis.is_data(a) for a in body.outvars[:n_carry]]
+        grown = [d or c for d, c in zip(data[n_consts : n_consts + n_carry], carry_out, strict=True)]
+        if grown == data[n_consts : n_consts + n_carry]:
+            break
+        data[n_consts : n_consts + n_carry] = grown
+    cuts = cuts_for(body, body_analysis, composite, strict=False)
+    if cuts:
+        body_analysis = analyse(body, explained, {}, cuts=cuts)
+    layers = tuple(dataclasses.replace(layer, first=False) for layer in body_analysis.layers)
+    body_analysis = dataclasses.replace(
+        body_analysis, layers=layers, layer_at={layer.last_equation.index: layer for layer in layers}
+    )
+    return ScanUnit(eqn, plan(body, body_analysis, composite, cuts=cuts))
+
+
 def _cast_problem(eqn: Equation, analysis: Analysis, program: Program) -> list[Problem]:
     """A cast of data out of floating point whose result still reaches an output: the relevance
     path is cut there (``(x * 255).astype(jnp.uint8)``)."""
@@ -370,6 +461,8 @@ def evaluate(
     leaves: Sequence[Any],
     probes: Sequence[Any] | None = None,
     value_probes: dict[int, Any] | None = None,
+    *,
+    explained_outputs: bool = True,
 ) -> list[Any]:
     """Evaluate the plan on the flat argument leaves; returns the flat outputs.
 
@@ -377,7 +470,8 @@ def evaluate(
     each layer's input (as that layer reads it) and output: the cotangents of the probes are the
     relevance leaving and entering the layer (see :func:`jaxdtd.inspect.ledger`).
     ``value_probes`` maps variables to zeros added where the variable is defined: their cotangents
-    are the relevance arriving at those values (taps and seeds)."""
+    are the relevance arriving at those values (taps and seeds).  With ``explained_outputs=False``
+    (a scan's body) the outputs pass relevance through instead of starting it (``y * ct``)."""
     program, analysis = the_plan.program, the_plan.analysis
     env: dict[int, Any] = dict(zip(program.invars, leaves, strict=True))
     value_probes = value_probes or {}
@@ -401,7 +495,7 @@ def evaluate(
     results = []
     for atom in program.outvars:
         value = read(atom)
-        if analysis.is_data(atom):
+        if explained_outputs and analysis.is_data(atom):
             value = initial_relevance(value)
         results.append(value)
     return results

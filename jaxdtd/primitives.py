@@ -406,7 +406,11 @@ for _name, _param in (
     nested_call(_name, _param)
 unsupported("cond", "data-dependent control flow", "compute both branches and select with jnp.where instead")
 unsupported("while", "data-dependent loop", "unroll the loop in Python")
-unsupported("scan", "loop over data", "unroll it (a Python loop, or nn.scan(..., unroll=length))")
+unsupported(
+    "scan",
+    "a scan whose body jaxdtd could not plan",
+    "scans are explained by planning their body (jaxdtd.units.ScanUnit); this one was not",
+)
 unsupported("scatter", "scatter of data")
 unsupported("scatter-add", "scatter of data")
 unsupported("sort", "sort of data")

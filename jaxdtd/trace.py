@@ -84,8 +84,9 @@ def _join(prefix: str, suffix: str) -> str:
     return prefix or suffix
 
 
-def flatten(closed: jcore.ClosedJaxpr) -> Program:
-    """Inline every nested call of ``closed`` into one :class:`Program`."""
+def flatten(closed: jcore.ClosedJaxpr, prefix: str = "", call_sites: tuple = ()) -> Program:
+    """Inline every nested call of ``closed`` into one :class:`Program`; ``prefix`` and
+    ``call_sites`` are those of the equation whose body ``closed`` is (a ``scan``'s)."""
     counter = iter(range(1 << 62))
     equations: list[Equation] = []
 
@@ -138,7 +139,7 @@ def flatten(closed: jcore.ClosedJaxpr) -> Program:
         ident = next(counter)
         env[v] = ident
         invars.append(ident)
-    emit(closed.jaxpr, env, "", ())
+    emit(closed.jaxpr, env, prefix, call_sites)
     outvars = tuple(read(env, v) for v in closed.jaxpr.outvars)
     return Program(
         invars=tuple(invars),

@@ -146,7 +146,7 @@ class Reshape:
 @dataclasses.dataclass(frozen=True)
 class Unsupported:
     """An operation of the data that no relevance rule covers: ``sort``, ``cumsum``, ``cond``
-    (data-dependent ``lax.cond``), ``loop`` (``lax.fori_loop``, a scan over data) or ``quotient``
+    (data-dependent ``lax.cond``), ``loop`` (``lax.while_loop`` on a condition of the data) or ``quotient``
     (``x / (1 + sum(|x|))``, a division by a data value; products of data values have the uniform rule)."""
 
     name: str
@@ -157,7 +157,7 @@ UNSUPPORTED_PRIMITIVE = {
     "sort": "sort",
     "cumsum": "cumsum",
     "cond": "cond",
-    "loop": "scan",
+    "loop": "while",
     "quotient": "div",
 }
 
@@ -245,8 +245,8 @@ def _unsupported(op: Unsupported, x):
         return jnp.cumsum(x, axis=-1)
     if op.name == "cond":
         return jax.lax.cond(x.sum() > 0, lambda v: 0.5 * v, lambda v: v, x)
-    if op.name == "loop":
-        return jax.lax.fori_loop(0, 2, lambda i, v: 0.5 * v, x)
+    if op.name == "loop":  # a while loop with a data-dependent condition (static scans are explained)
+        return jax.lax.while_loop(lambda v: jnp.abs(v).sum() > 1e6, lambda v: 0.5 * v, x)
     if op.name == "quotient":
         return x / (1.0 + jnp.sum(jnp.abs(x), axis=-1, keepdims=True))
     raise ValueError(op.name)
