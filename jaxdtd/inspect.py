@@ -30,8 +30,8 @@ from .api import (
     flat_inputs,
     target_cotangent,
 )
-from .interpret import Plan, evaluate
-from .units import IslandUnit
+from .interpret import Plan, ScanUnit, evaluate
+from .units import Bind, IslandUnit
 
 __all__ = ["Description", "LayerRow", "Ledger", "describe", "ledger"]
 
@@ -144,6 +144,16 @@ def _describe_plan(the_plan: Plan) -> Description:
         )
         for unit in the_plan.units
         if isinstance(unit, IslandUnit)
+    )
+    counts.update(  # values made constants: normalization statistics and the composite's cuts
+        (f"cut {unit.equation.name}", "constant", "cut")
+        for unit in the_plan.units
+        if isinstance(unit, Bind) and unit.cut
+    )
+    counts.update(  # a scan's body is planned as a program of its own
+        ("scan", f"body: {len(unit.body.layer_rules)} layers, {len(unit.body.operations)} operations", "scan")
+        for unit in the_plan.units
+        if isinstance(unit, ScanUnit)
     )
     merged = Counter()
     for (name, rule, _), n in counts.items():

@@ -209,6 +209,10 @@ def test_layer_norm_statistic_is_a_cut_in_every_composite_but_batch_statistics_a
     x = jnp.ones((2, 3, 4))
     the_plan = dtd.trace_plan(lambda _, x: LAYERNORMS["flax.linen.LayerNorm"](x), R.Epsilon(), (None, x))
     assert [u.equation.name for u in the_plan.units if isinstance(u, Bind) and u.cut] == ["rsqrt"]
+    described = dtd.describe(
+        lambda _, x: LAYERNORMS["flax.linen.LayerNorm"](x), None, x, composite=R.Epsilon()
+    )
+    assert ("cut rsqrt", "constant", 1) in described.operations
     batch_norm = lambda _, x: (x - x.mean(0)) * jax.lax.rsqrt(x.var(0) + 1e-5)
     with pytest.raises(dtd.UnsupportedOperationError, match="normalization statistic over the batch axis"):
         dtd.trace_plan(batch_norm, R.Epsilon(), (None, x))

@@ -73,6 +73,8 @@ def test_scan_equals_loop(name):
     the_plan = dtd.trace_plan(scanned, COMPOSITES[name], (PARAMS, X))
     (unit,) = [u for u in the_plan.units if isinstance(u, ScanUnit)]
     assert len(unit.body.layer_rules) == 1  # one layer, planned once, run three times
+    operations = dtd.describe(scanned, PARAMS, X, composite=COMPOSITES[name]).operations
+    assert ("scan", "body: 1 layers, 1 operations", 1) in operations
 
 
 def test_scan_outputs_carry_relevance_too():
