@@ -548,3 +548,13 @@ def test_jit_equals_eager(tiny, name):
     eager = model.apply(variables, *args)
     jitted = jax.jit(model.apply)(variables, *args)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "owners"), [("from_huggingface", "bert, gpt2, llama, vit"), ("tokenizer", "minilm, smollm2")]
+)
+def test_names_several_submodules_define_are_reached_through_the_submodule(name, owners):
+    import jaxdtd.models as models
+
+    with pytest.raises(AttributeError, match=rf"'{name}' is defined by several submodules \({owners}\)"):
+        getattr(models, name)

@@ -27,14 +27,25 @@ from typing import Any
 
 _SUBMODULES = ("classic", "efficientnet", "torch_pickle", "bert", "gpt2", "llama", "vit", "minilm", "smollm2")
 #: names several submodules define: reached only through their submodule
-_SHARED = frozenset({"from_huggingface"})
+_SHARED = frozenset({"from_huggingface", "tokenizer", "Tokenizer", "Batch"})
+
+
+def _defines(sub: str, name: str) -> bool:
+    try:
+        return name in getattr(importlib.import_module(f"{__name__}.{sub}"), "__all__", ())
+    except ImportError:
+        return False
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     if name in _SHARED:
-        raise AttributeError(f"{name!r} is defined by several submodules: use e.g. {__name__}.bert.{name}")
+        owners = [sub for sub in ("bert", "gpt2", "llama", "vit", "minilm", "smollm2") if _defines(sub, name)]
+        raise AttributeError(
+            f"{name!r} is defined by several submodules ({', '.join(owners)}): use e.g. "
+            f"{__name__}.{owners[0]}.{name}"
+        )
     for sub in _SUBMODULES:
         try:
             module = importlib.import_module(f"{__name__}.{sub}")
