@@ -94,37 +94,13 @@ def _sibling(name: str):
 
 
 def _install_torchvision_standin() -> None:
-    """``import lxt.efficient`` runs ``from torchvision.models import vision_transformer`` (its torchvision
-    ViT map); give it a module with fresh classes that nothing is an instance of (as the golden generator)."""
-    import importlib.machinery
-    import types
-
-    import torch
-
-    if "torchvision" in sys.modules:
-        return
-    torchvision = types.ModuleType("torchvision")
-    torchvision.__path__ = []
-    torchvision.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    models = types.ModuleType("torchvision.models")
-    models.__path__ = []
-    vision_transformer = types.ModuleType("torchvision.models.vision_transformer")
-
-    def standin(name):
-        return type(name, (torch.nn.Module,), {"__doc__": "torchvision stand-in; never instantiated."})
-
-    vision_transformer.nn = types.SimpleNamespace(
-        GELU=standin("GELU"), LayerNorm=standin("LayerNorm"), MultiheadAttention=standin("MultiheadAttention")
-    )
-    models.vision_transformer = vision_transformer
-    torchvision.models = models
-    sys.modules.update(
-        {
-            "torchvision": torchvision,
-            "torchvision.models": models,
-            "torchvision.models.vision_transformer": vision_transformer,
-        }
-    )
+    """``import lxt.efficient`` needs torchvision: the golden generator's stand-in module (one copy,
+    in ``tests/reference/generate_golden_lxt.py``, loaded by path)."""
+    path = HERE.parent / "tests" / "reference" / "generate_golden_lxt.py"
+    spec = importlib.util.spec_from_file_location("generate_golden_lxt", path)
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    generator._install_torchvision_standin()
 
 
 def torch_child(work: Path, threads: int, warmup: int) -> None:
