@@ -24,7 +24,7 @@ from . import rules as R
 from .composites import Composite
 from .errors import Problem, UnsupportedOperationError
 from .graph import AffineLayer, Analysis, ChainOp, analyse, chain_op, consumers_of, is_float
-from .primitives import Context, Unsupported, lookup
+from .primitives import Context, Unsupported, canonical_name, lookup
 from .recognize import find_gates, find_softmax, find_statistics
 from .trace import Constant, Equation, Program, flatten
 from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, find_islands
@@ -382,10 +382,17 @@ class ScanUnit(Unit):
     """A ``scan`` (``jax.lax.scan``, ``nn.scan``, ``fori_loop`` with static bounds) whose body is
     planned as a program of its own and evaluated inside a ``jax.lax.scan`` with the same length,
     direction and unrolling: the loop stays a loop (memory like the scanned gradient's), and each
-    iteration applies the rules of the body's units."""
+    iteration applies the rules of the body's units.
+
+    ``remat``: the ``(prevent_cse, policy)`` of a ``checkpoint`` (``jax.checkpoint``, ``nn.remat``)
+    among the body's own equations, as in ``nn.scan(nn.remat(Block))``, else ``None``.  The planned
+    body inlines it, so the relevance step is checkpointed as a whole with the same policy: the
+    backward pass saves only what the policy saves per iteration (for the default policy, the carry)
+    and recomputes the rest, as the user's gradient does."""
 
     equation: Equation
     body: Plan
+    remat: tuple[bool, Any] | None = None
 
     def equations(self) -> tuple[Equation, ...]:
         return (self.equation,)
@@ -404,6 +411,9 @@ class ScanUnit(Unit):
             outs = evaluate(self.body, [*consts, *carry, *x], explained_outputs=False)
             return outs[:n_carry], outs[n_carry:]
 
+        if self.remat is not None:
+            prevent_cse, policy = self.remat
+            step = jax.checkpoint(step, prevent_cse=prevent_cse, policy=policy)
         carry, ys = jax.lax.scan(
             step, init, xs, length=params["length"], reverse=params["reverse"], unroll=params["unroll"]
         )
@@ -432,7 +442,16 @@ def _scan_unit(eqn: Equation, analysis: Analysis, composite: Composite) -> ScanU
     body_analysis = dataclasses.replace(
         body_analysis, layers=layers, layer_at={layer.last_equation.index: layer for layer in layers}
     )
-    return ScanUnit(eqn, plan(body, body_analysis, composite, cuts=cuts))
+    return ScanUnit(eqn, plan(body, body_analysis, composite, cuts=cuts), _body_remat(params["jaxpr"]))
+
+
+def _body_remat(closed: Any) -> tuple[bool, Any] | None:
+    """``(prevent_cse, policy)`` of the first ``checkpoint`` equation at the top level of a scan
+    body, or ``None`` when the body is not rematerialised."""
+    for eqn in closed.jaxpr.eqns:
+        if canonical_name(eqn.primitive.name) == "remat2":
+            return bool(eqn.params.get("prevent_cse", True)), eqn.params.get("policy")
+    return None
 
 
 def _cast_problem(eqn: Equation, analysis: Analysis, program: Program) -> list[Problem]:

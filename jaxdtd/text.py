@@ -37,6 +37,8 @@ __all__ = [
     "html",
     "html_document",
     "merge_subwords",
+    "readable_tokens",
+    "save_matrix_png",
     "save_png",
     "text_color",
     "token_relevance",
@@ -372,6 +374,77 @@ def save_png(
         f"{mode} normalisation per sentence, colormap {cmap}", fontsize=fontsize * 0.65,
         color="#555555", va="center", ha="left", parse_math=False,
     )  # fmt: skip
+    path = pathlib.Path(path)
+    figure.savefig(path, format="png", facecolor="white")
+    return path
+
+
+def readable_tokens(pieces: Sequence[str]) -> list[str]:
+    """Byte-level BPE pieces (each token decoded on its own, ``" the"``, ``"\\n"``) as labels for
+    :func:`html` / :func:`save_png`, which separate tokens by a space: surrounding spaces stripped, a
+    newline shown as ``⏎``, a tab as ``⇥``, a piece of spaces only as ``␣``."""
+    labels = []
+    for piece in pieces:
+        shown = piece.replace("\n", "⏎").replace("\t", "⇥").strip(" ")
+        labels.append(shown if shown else ("␣" if piece else "∅"))
+    return labels
+
+
+def save_matrix_png(
+    path: str | pathlib.Path,
+    matrix: Any,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    *,
+    cmap: str = "bwr",
+    boundary: int | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> pathlib.Path:
+    """A relevance matrix ``(K, T)`` as a PNG heatmap, one row per explained token, one column per
+    context token, each row scaled by its own ``max_t |M[k, t]|`` (symmetric, zero at the colormap's
+    centre, as :func:`html` scales a sentence).  NaN cells (positions a row cannot see) are drawn
+    light grey.  ``boundary`` draws a vertical line before that column (the end of the prompt).
+
+    Raises:
+        ValueError: ``matrix`` not 2-D, label counts that do not match its shape, or infinite values.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"save_matrix_png: expected a (K, T) matrix, got shape {m.shape}")
+    if len(row_labels) != m.shape[0] or len(column_labels) != m.shape[1]:
+        raise ValueError(
+            f"save_matrix_png: {len(row_labels)} row and {len(column_labels)} column labels "
+            f"for a matrix of shape {m.shape}"
+        )
+    if np.isinf(m).any():
+        raise ValueError("save_matrix_png: the matrix holds infinite values")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from . import image
+
+    scale = np.nanmax(np.abs(m), axis=1, keepdims=True) if m.size else np.ones((0, 1))
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    unit = np.clip(m / scale, -1.0, 1.0) * 0.5 + 0.5
+    colormap = image.colormap(cmap)
+    rgba = np.asarray(colormap(np.nan_to_num(unit, nan=0.5)))
+    rgba[np.isnan(m)] = (0.92, 0.92, 0.92, 1.0)
+    K, T = m.shape
+    cell = 0.28
+    width, height = max(4.0, 1.6 + cell * T), max(2.0, 1.4 + cell * K + 0.9)
+    figure = Figure(figsize=(width, height), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(figure)
+    axis = figure.add_axes((1.3 / width, 1.1 / height, (width - 1.5) / width, (height - 1.5) / height))
+    axis.imshow(rgba, aspect="auto", interpolation="nearest")
+    axis.set_xticks(range(T), list(column_labels), rotation=90, fontsize=7)
+    axis.set_yticks(range(K), list(row_labels), fontsize=8)
+    if boundary is not None and 0 < boundary < T:
+        axis.axvline(boundary - 0.5, color="black", linewidth=1.0)
+    if title:
+        axis.set_title(title, fontsize=9)
+    for label in (*axis.get_xticklabels(), *axis.get_yticklabels()):
+        label.set_parse_math(False)  # "$" in a token is text, not mathtext
     path = pathlib.Path(path)
     figure.savefig(path, format="png", facecolor="white")
     return path

@@ -154,3 +154,48 @@ def test_flax_nn_scan_of_attention_blocks_equals_the_loop(composite):
     r_scan = jax.grad(lambda x: scan_f(variables, x).sum())(x)
     r_loop = jax.grad(lambda x: loop_f(variables, x).sum())(x)
     np.testing.assert_allclose(r_scan, r_loop, rtol=1e-4, atol=1e-6)
+
+
+def _temp_bytes(fn, *args) -> int:
+    """XLA's temporary buffer size of the compiled ``fn`` (a compile-time analysis, not a timing)."""
+    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def test_remat_in_a_scan_body_is_kept_and_memory_grows_like_the_gradients():
+    """``lax.scan(jax.checkpoint(body))``: the relevance step is checkpointed too (``ScanUnit.remat``),
+    so the relevance program's temporary memory stays within 1.3x the checkpointed gradient's at
+    every depth and grows with the depth like it; without the checkpoint both save every
+    iteration's residuals (the relevance rules save a few more: within 1.6x)."""
+    key = jax.random.split(jax.random.PRNGKey(7), 3)
+    x = jax.random.normal(key[2], (32, 64))
+    head = jax.random.normal(key[1], (64, 2))
+
+    def body(h, w):
+        return jnp.tanh(jax.nn.relu(h @ w) @ w.T) * h, None
+
+    def model(checkpointed):
+        def scanned_model(p, x):
+            x, _ = jax.lax.scan(jax.checkpoint(body) if checkpointed else body, x, p[0])
+            return x @ p[1]
+
+        return scanned_model
+
+    memory = {}
+    for checkpointed in (False, True):
+        fn = model(checkpointed)
+        f = dtd.transform(fn, C.EpsilonPlus())
+        for layers in (4, 16):
+            params = (0.3 * jax.random.normal(key[0], (layers, 64, 64)), head)
+            rel = _temp_bytes(jax.grad(lambda x, params=params, f=f: f(params, x)[:, 0].sum()), x)
+            grad = _temp_bytes(jax.grad(lambda x, params=params, fn=fn: fn(params, x)[:, 0].sum()), x)
+            memory[checkpointed, layers] = rel, grad
+        unit = [u for u in dtd.trace_plan(fn, C.EpsilonPlus(), (params, x)).units if isinstance(u, ScanUnit)]
+        assert len(unit) == 1 and (unit[0].remat is not None) == checkpointed
+    for layers in (4, 16):
+        rel, grad = memory[True, layers]
+        assert rel <= 1.3 * grad, (layers, rel, grad)
+        plain_rel, plain_grad = memory[False, layers]
+        assert plain_rel <= 1.6 * plain_grad, (layers, plain_rel, plain_grad)
+    (rel4, grad4), (rel16, grad16) = memory[True, 4], memory[True, 16]
+    assert rel16 - rel4 <= 1.3 * (grad16 - grad4) + 4096, memory
+    assert memory[True, 16][0] < 0.5 * memory[False, 16][0], memory  # the carries only, not every residual

