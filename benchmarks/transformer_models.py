@@ -207,7 +207,13 @@ def benchmark(
     else:
         what, score, variables, x, aux = setup_vit(batch, length, tiny)
         shape = f"{length}x{length}x3"
-    args = (variables, x, *aux)
+    title = f"**{name}** ({what}), {shape}, float32, batch {batch}"
+    return measure(title, score, (variables, x, *aux), batch, repeats)
+
+
+def measure(title: str, score, args: tuple, batch: int, repeats: int) -> list[str]:
+    """Trace, compile and time :func:`programs` of ``score`` on ``args`` (see the module docstring);
+    the table's lines, headed by ``title``."""
     compiled, compile_s, trace_s, memory, temp = {}, {}, {}, {}, {}
     for label, fn in programs(score).items():
         start = time.perf_counter()
@@ -223,7 +229,7 @@ def benchmark(
             temp[label] = memory[label] = float("nan")
         out = jax.block_until_ready(compiled[label](*args))  # warm-up
         if not np.isfinite(np.asarray(out)).all():
-            raise RuntimeError(f"{name} {label}: non-finite values")
+            raise RuntimeError(f"{title} {label}: non-finite values")
     times: dict[str, list[float]] = {label: [] for label in compiled}
     for _ in range(repeats):
         for label, fn in compiled.items():
@@ -235,8 +241,7 @@ def benchmark(
     g = "gradient"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
-        f"**{name}** ({what}), {shape}, float32, batch {batch}, {repeats} interleaved runs "
-        f"(process peak RSS {rss:.0f} MiB)",
+        f"{title}, {repeats} interleaved runs (process peak RSS {rss:.0f} MiB)",
         "",
         "| program | median ms | min ms | samples/s | / gradient | compile s | / gradient | XLA MiB "
         "| / gradient | trace s | / gradient | XLA compile s | / gradient | temp MiB | / gradient |",

@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from . import rules as R
@@ -198,7 +199,7 @@ def _select(eqn: Any, ctx: Context) -> R.Rule:
 
 def _cast(eqn: Any, ctx: Context) -> R.Rule | Unsupported:
     new_dtype = np.dtype(eqn.params["new_dtype"])
-    if np.issubdtype(new_dtype, np.inexact):
+    if jnp.issubdtype(new_dtype, jnp.inexact):  # jnp: bfloat16 and the float8 types are inexact too
         return _GRADIENT
     return Unsupported(
         f"a cast of the explained data to {new_dtype} (out of floating point) cuts the relevance path, "

@@ -309,7 +309,7 @@ class ZBox(AffineRule):
                 raise ValueError(f"ZBox: {name} must be a number or an array, got None")
             if not isinstance(value, jax.core.Tracer):
                 array = np.asarray(value)
-                if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+                if not jnp.issubdtype(array.dtype, jnp.number) or not np.all(np.isfinite(array)):
                     raise ValueError(f"ZBox: {name} must be finite numbers, got {value!r}")
         low, high = self.low, self.high
         if not isinstance(low, jax.core.Tracer) and not isinstance(high, jax.core.Tracer):

@@ -138,9 +138,12 @@ def test_cast_out_of_floating_point_on_the_data_path_raises():
         "explained data to uint8 (out of floating point) cuts the relevance path, so every input "
         "behind it would get zero relevance. Fix: keep the data in floating point"
     ) in message
-    # a cast between floating-point types keeps the relevance path
-    half = lambda w, x: x.astype(jnp.float16).astype(jnp.float32) @ w
-    dtd.transform(half, R.Epsilon())(w, x)
+    # a cast between floating-point types keeps the relevance path (bfloat16 too: not a numpy float)
+    expected = jax.grad(lambda x: dtd.transform(lambda w, x: x @ w, R.Epsilon())(w, x)[:, 0].sum())(x)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        half = lambda w, x, dtype=dtype: x.astype(dtype).astype(jnp.float32) @ w
+        relevance = jax.grad(lambda x, half=half: dtd.transform(half, R.Epsilon())(w, x)[:, 0].sum())(x)
+        np.testing.assert_allclose(relevance, expected, rtol=1e-6)
 
 
 def test_unknown_primitive_and_explicit_fallback():

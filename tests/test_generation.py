@@ -263,3 +263,59 @@ def test_llm_demo_explains_smollm2s_answer(tmp_path, capsys):
     markdown = (tmp_path / "report.md").read_text()
     assert "| 6 | ' Paris' |" in markdown and "AttnLRP" in markdown
     assert "answer: 'The capital of France is Paris" in capsys.readouterr().out
+
+
+def test_logits_to_keep_computes_the_head_on_the_last_positions_only(scanned):
+    model, variables = scanned
+    E = model.apply(variables, PROMPT[None], method=Llama.embed)
+    full = model.apply(variables, E, method=Llama.from_embeddings)
+    last = model.apply(variables, E, None, 2, method=Llama.from_embeddings)
+    assert last.shape == (1, 2, CONFIG.vocab_size)
+    np.testing.assert_allclose(last, full[:, -2:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        model.apply(variables, PROMPT[None], logits_to_keep=1), full[:, -1:], rtol=1e-6, atol=1e-6
+    )
+    R_full, _ = dtd.explain(
+        lambda v, e: model.apply(v, e, method=Llama.from_embeddings)[:, -1],
+        variables,
+        E,
+        composite=C.AttnLRP(),
+    )
+    R_last, _ = dtd.explain(
+        lambda v, e: model.apply(v, e, None, 1, method=Llama.from_embeddings)[:, -1],
+        variables,
+        E,
+        composite=C.AttnLRP(),
+    )
+    np.testing.assert_allclose(R_last, R_full, rtol=0, atol=1e-6 * np.abs(R_full).max())
+    with pytest.raises(ValueError, match=r"logits_to_keep must be an int >= 0, got -1"):
+        model.apply(variables, PROMPT[None], logits_to_keep=-1)
+
+
+def test_cplrp_is_conservative_on_a_bias_free_llama(scanned):
+    """Attention weights and the SwiGLU gate constant, the rms a constant, no biases: the model is
+    linear in the embeddings for CP-LRP's rules, and LRP-0 through it conserves the logit."""
+    model, variables = scanned
+    ids = generation.generate(model.apply, variables, PROMPT, NEW)
+    E = model.apply(variables, ids[None], method=Llama.embed)
+    ex = generation.explain_generation(_from_embeddings(model), variables, E, ids, PROMPT.size, C.CPLRP())
+    np.testing.assert_allclose(ex.relevance.sum(1), ex.logits, rtol=1e-4)
+
+
+def test_a_bfloat16_llama_is_explained_like_the_float32_one(scanned):
+    """Weights and embeddings in bfloat16 (RMSNorm and softmax cast to float32 and back, as HF):
+    the casts keep the relevance path, and the relevance is the float32 one to bfloat16 precision."""
+    model, variables = scanned
+    E = model.apply(variables, PROMPT[None], method=Llama.embed)
+    half = jax.tree.map(lambda w: w.astype(jnp.bfloat16), variables)
+    relevance = {}
+    for name, v, e in (("float32", variables, E), ("bfloat16", half, E.astype(jnp.bfloat16))):
+        R, logits = dtd.explain(
+            lambda v, e: _from_embeddings(model)(v, e)[:, -1], v, e, target=5, composite=C.AttnLRP()
+        )
+        assert R.dtype == e.dtype
+        relevance[name] = np.asarray(R, np.float64)
+    error = np.linalg.norm(relevance["bfloat16"] - relevance["float32"]) / np.linalg.norm(
+        relevance["float32"]
+    )
+    assert error < 0.05, error

@@ -218,7 +218,7 @@ def causal_bias(length: int, attention_mask: Any = None, dtype: Any = jnp.float3
     uniform, as in HF: no NaN.
     """
     allowed = np.tril(np.ones((length, length), dtype=bool))[None, None]
-    minimum = np.finfo(np.dtype(dtype)).min
+    minimum = jnp.finfo(dtype).min  # jnp.finfo: also bfloat16
     if attention_mask is None:
         return np.where(allowed, 0.0, minimum).astype(dtype)
     mask = jnp.asarray(attention_mask)
@@ -348,8 +348,16 @@ class Llama(nn.Module):
         """Token embeddings ``embed_tokens[ids]``, ``(B, T, D)``."""
         return self.embed_tokens(input_ids)
 
-    def from_embeddings(self, E: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Logits ``(B, T, vocab_size)`` from token embeddings ``E`` ``(B, T, D)``."""
+    def from_embeddings(
+        self, E: jax.Array, attention_mask: jax.Array | None = None, logits_to_keep: int = 0
+    ) -> jax.Array:
+        """Logits ``(B, T, vocab_size)`` from token embeddings ``E`` ``(B, T, D)``.
+
+        ``logits_to_keep`` ``k > 0`` computes the head on the last ``k`` positions only (HF's
+        ``logits_to_keep``): logits ``(B, k, vocab_size)``, the same values, without the
+        ``(B, T, vocab_size)`` array a long prompt's next-token explanation does not need."""
+        if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         cfg = self.config
         length = E.shape[1]
         cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta, E.dtype)
@@ -360,13 +368,17 @@ class Llama(nn.Module):
         else:
             for layer in self.layers:
                 h = layer(h, cos, sin, bias)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         h = self.norm(h)
         if cfg.tie_word_embeddings:
             return self.embed_tokens.attend(h)
         return self.lm_head(h)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        return self.from_embeddings(self.embed(input_ids), attention_mask)
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, logits_to_keep: int = 0
+    ) -> jax.Array:
+        return self.from_embeddings(self.embed(input_ids), attention_mask, logits_to_keep)
 
 
 def stack_layers(variables: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
