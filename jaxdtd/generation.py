@@ -195,7 +195,9 @@ def explain_generation(
     (:func:`explain_tokens` with those positions and targets, jitted).
 
     ``fn(variables, E)``: embeddings ``(1, T, D)`` -> logits ``(1, T, V)``; ``embeddings``: those of
-    ``ids`` (``(1, T, D)`` or ``(T, D)``).
+    ``ids`` (``(1, T, D)`` or ``(T, D)``).  Each call jits and compiles anew (a new ``fn`` each time is
+    the usual case); to explain many sequences of one length, ``jax.jit`` :func:`explain_tokens`
+    once and call it with their positions and targets.
 
     Raises:
         ValueError: ``prompt_length`` not in ``1 .. T - 1`` (nothing generated to explain), or the

@@ -371,10 +371,54 @@ def cuts_for(
     composite) and the composite's ``cuts`` patterns."""
     cuts = frozenset(eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent))
     if composite.cuts:
-        strict = strict and not any(eqn.name == "scan" for eqn in program.equations)
-        chosen = select_values(program, analysis.layers, composite.cuts, "cut", analysis, strict)
+        scans = any(eqn.name == "scan" for eqn in program.equations)
+        if strict and scans:
+            _check_patterns_reach(program, analysis.layers, composite.cuts, "cut")
+        chosen = select_values(
+            program, analysis.layers, composite.cuts, "cut", analysis, strict and not scans
+        )
         cuts |= frozenset(analysis.producer[v].index for _, v in chosen if v in analysis.producer)
     return cuts
+
+
+def _equations_with_bodies(program: Program) -> list[Equation]:
+    """The equations of ``program`` and, recursively, of the bodies of its scans (flattened with
+    their module-path prefix, as :func:`_scan_unit` plans them)."""
+    found = list(program.equations)
+    for eqn in program.equations:
+        if eqn.name == "scan":
+            body = flatten(
+                eqn.params["jaxpr"], prefix=eqn.name_stack, call_sites=(eqn.source_info, *eqn.call_sites)
+            )
+            found += _equations_with_bodies(body)
+    return found
+
+
+def _check_patterns_reach(
+    program: Program, layers: Sequence[AffineLayer], patterns: Sequence[str], what: str
+) -> None:
+    """In a program holding a scan, a pattern may choose values of the scan's body only: each
+    pattern must still match a module path or a layer's weight path (``glob``), or an equation of
+    its primitive under a module path (``glob:primitive``), in the program or in a scan body; else
+    ``ValueError`` as :func:`select_values` raises without scans (a typo is never silently ignored)."""
+    equations = _equations_with_bodies(program)
+    for pattern in patterns:
+        glob, _, primitive = str(pattern).partition(":")
+        if primitive in ("softmax", "gate"):  # a model may have none
+            continue
+        weights = not primitive and any(
+            layer.param_path and fnmatch.fnmatchcase(layer.param_path, glob) for layer in layers
+        )
+        if not weights and not any(
+            fnmatch.fnmatchcase(eqn.name_stack, glob) and (not primitive or eqn.name == primitive)
+            for eqn in equations
+            if eqn.name_stack
+        ):
+            paths = sorted({eqn.name_stack for eqn in equations if eqn.name_stack})
+            raise ValueError(
+                f"{what} {pattern!r} matches no module or equation, in the program or its scan bodies; "
+                f"module paths: {paths}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,8 @@ def layers_with_vanishing_negative_relevance(
             return True  # no relevance flows back
         layer = layer_of_linear.get(eqn.index)
         if layer is not None:
+            if layer.index not in layer_rules:
+                return True  # a cut layer: its output is a constant, no relevance flows back through it
             rule = layer_rules[layer.index]
             return eqn.invars[layer.data_position] == v and rule is not None and rule.proportional_to_input
         rule = operation_rules.get(eqn.index)
