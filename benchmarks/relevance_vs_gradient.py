@@ -67,12 +67,16 @@ def presets() -> dict:
     }
 
 
-def programs(model) -> dict:
+def programs(model, chosen: list[str] | None = None) -> dict:
+    """``forward``, ``gradient`` and the relevance of each preset (those named in ``chosen``, or all)."""
+
     def gradient(v, x):
         return jax.grad(lambda x: model.apply(v, x)[:, 0].sum())(x)
 
     out = {"forward": lambda v, x: model.apply(v, x), "gradient": gradient}
     for name, comp in presets().items():
+        if chosen is not None and name not in chosen:
+            continue
         out[name] = lambda v, x, comp=comp: dtd.explain(model.apply, v, x, target=0, composite=comp)[0]
     return out
 
@@ -86,10 +90,12 @@ def setup(name: str, size: int, batch: int, dtype: str = "float32"):
     return model, variables, x
 
 
-def benchmark(name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[str]:
+def benchmark(
+    name: str, size: int, batch: int, repeats: int, dtype: str = "float32", chosen: list[str] | None = None
+) -> list[str]:
     model, variables, x = setup(name, size, batch, dtype)
     compiled, compile_s, trace_s, memory = {}, {}, {}, {}
-    for label, fn in programs(model).items():
+    for label, fn in programs(model, chosen).items():
         start = time.perf_counter()
         lowered = jax.jit(fn).lower(variables, x)  # trace (jaxdtd's analysis and plan included) + lower
         trace_s[label] = time.perf_counter() - start
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtype", nargs="+", default=["float32"], help="float32 and/or bfloat16")
+    parser.add_argument("--presets", nargs="+", choices=list(presets()), help="default: every preset")
     parser.add_argument("--out", help="also append the tables to this file")
     args = parser.parse_args()
 
@@ -159,7 +166,7 @@ def main() -> None:
         for size in args.size:
             for batch in args.batch:
                 for dtype in args.dtype:
-                    emit("\n".join(benchmark(name, size, batch, args.repeats, dtype)) + "\n")
+                    emit("\n".join(benchmark(name, size, batch, args.repeats, dtype, args.presets)) + "\n")
 
 
 if __name__ == "__main__":

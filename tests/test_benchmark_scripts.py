@@ -23,6 +23,7 @@ def test_gpu_script_tiny_config_on_cpu(tmp_path):
         assert f"**vggish**, 16x16x3, {dtype}, batch 2" in text
     for program in ("gradient", "EpsilonPlusFlat", "EpsilonGammaBox", "DeepTaylor"):
         assert f"| {program} |" in text
+    assert "| EpsilonAlpha2Beta1 |" not in text  # --presets: the tiny run times three of them
     # benchmarks/long_prompts.py --tiny (a 2-layer Llama) in bfloat16
     assert "**tiny Llama (2 layers, hidden 32), random init, logits of the last position**" in text
     assert "prompt of 16 tokens, bfloat16, batch 1" in text

