@@ -307,6 +307,59 @@ def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[
     return all(size == 1 or d in features for d, size in enumerate(padded))
 
 
+def _literal(atom: Any, producer) -> Any:
+    """The scalar value of ``atom`` when it is a constant, possibly behind ``convert_element_type``
+    (``jnp.pad`` converts its Python padding value inside a jit); else ``None``."""
+    while not isinstance(atom, Constant):
+        eqn = producer.get(atom)
+        if eqn is None or eqn.name != "convert_element_type":
+            return None
+        atom = eqn.invars[0]
+    value = np.asarray(atom.value)
+    return value.item() if value.size == 1 else None
+
+
+def _absorb_zero_pad(conv: Equation, producer, uses, consumers, data) -> Equation:
+    """A convolution of ``jnp.pad(x, ..., constant 0)`` (Flax's ``padding="CAUSAL"``, hand-written
+    "same" padding) as the convolution of ``x`` with that padding added to its own: the same values,
+    but the padded zeros are the convolution's implicit padding, not input features, so no rule
+    hands them relevance (w^2 and Flat count only in-bounds taps, as for lax padding).  Only a pad
+    used by this convolution alone, with zero padding value, no interior padding, non-negative
+    padding on the spatial dimensions only, and no input dilation; else ``conv`` unchanged."""
+    x = conv.invars[0]
+    pad = producer.get(x)
+    if (
+        pad is None
+        or pad.name != "pad"
+        or uses.get(x, 0) != 1
+        or len(consumers.get(x, [])) != 1
+        or isinstance(pad.invars[0], Constant)
+        or pad.invars[0] not in data
+        or _literal(pad.invars[1], producer) != 0
+        or any(d != 1 for d in conv.params.get("lhs_dilation") or ())
+    ):
+        return conv
+    config = pad.params["padding_config"]
+    lhs_spec = conv.params["dimension_numbers"].lhs_spec
+    batch_dim, feature_dim, spatial = lhs_spec[0], lhs_spec[1], lhs_spec[2:]
+    if any(interior != 0 for _, _, interior in config) or any(
+        config[d][:2] != (0, 0) for d in (batch_dim, feature_dim)
+    ):
+        return conv
+    if any(config[d][0] < 0 or config[d][1] < 0 for d in spatial):
+        return conv
+    padding = tuple(
+        (lo + config[d][0], hi + config[d][1])
+        for (lo, hi), d in zip(conv.params["padding"], spatial, strict=True)
+    )
+    return dataclasses.replace(
+        conv,
+        params={**conv.params, "padding": padding},
+        invars=(pad.invars[0], *conv.invars[1:]),
+        in_avals=(pad.in_avals[0], *conv.in_avals[1:]),
+    )
+
+
 def _find_layers(program, data, dependent, non_negative, uses, consumers, producer, leaf_names):
     layers: list[AffineLayer] = []
     absorbed: set[int] = set()
@@ -332,6 +385,8 @@ def _find_layers(program, data, dependent, non_negative, uses, consumers, produc
                 _propagate(eqn, data, after_layer)
                 continue
             data_position = data_in[0]
+            if eqn.name == "conv_general_dilated":
+                eqn = _absorb_zero_pad(eqn, producer, uses, consumers, data)
             chain: list[ChainOp] = []
             current = eqn.outvars[0]
             while uses[current] == 1 and len(consumers.get(current, [])) == 1:

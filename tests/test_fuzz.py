@@ -445,16 +445,12 @@ class CausalNet(nn.Module):
         return nn.Dense(1, use_bias=False, kernel_init=ones)(h.reshape(h.shape[0], -1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zero padding written as jnp.pad before a VALID convolution (Flax's padding='CAUSAL') is "
-    "data to jaxdtd: w^2 and Flat on the first layer hand the padded zeros relevance, which pad's "
-    "gradient then drops; the same convolution with lax padding counts only in-bounds taps",
-)
 @pytest.mark.parametrize("composite", [C.DeepTaylor(), FLAT_ZPLUS], ids=["DeepTaylor()", "Flat+ZPlus"])
 def test_zero_padding_by_jnp_pad_is_not_a_bound(composite):
-    """``nn.Conv(padding="CAUSAL")`` and ``nn.Conv(padding=((1, 0),))`` are one function; on ``x = [1, 1]``
-    both rules conserve ``f(x) = 3`` with lax padding, but give ``R = [1.5, 1]`` (sum 2.5) with CAUSAL."""
+    """``nn.Conv(padding="CAUSAL")`` (``jnp.pad`` then a VALID convolution) and ``nn.Conv(padding=((1, 0),))``
+    are one function; on ``x = [1, 1]`` both rules conserve ``f(x) = 3``.  (Before the pad was absorbed
+    into the convolution's padding, w^2 and Flat handed the padded zero relevance, which pad's gradient
+    then dropped: ``R = [1.5, 1]``, sum 2.5.)"""
     x = jnp.ones((1, 2, 1))
     sums = {}
     for padding in ("CAUSAL", ((1, 0),)):
@@ -465,6 +461,43 @@ def test_zero_padding_by_jnp_pad_is_not_a_bound(composite):
         sums[str(padding)] = float(relevance.sum())
     np.testing.assert_allclose(sums["((1, 0),)"], 3.0, rtol=1e-5)
     np.testing.assert_allclose(sums["CAUSAL"], 3.0, rtol=1e-5)  # is 2.5
+
+
+class PaddedConvNet(nn.Module):
+    """Two convolutions whose zero padding is written as ``jnp.pad`` (``hand=True``) or given to the
+    convolution (``hand=False``): one function."""
+
+    hand: bool
+
+    @nn.compact
+    def __call__(self, x):
+        pads = ((0, 0), (1, 1), (2, 0), (0, 0))
+        if self.hand:
+            h = nn.Conv(4, (3, 3), padding="VALID")(jnp.pad(x, pads))
+        else:
+            h = nn.Conv(4, (3, 3), padding=((1, 1), (2, 0)))(x)
+        h = jax.nn.relu(h)
+        if self.hand:
+            h = nn.Conv(3, (2, 2), padding="VALID")(jnp.pad(h, ((0, 0), (1, 0), (0, 1), (0, 0))))
+        else:
+            h = nn.Conv(3, (2, 2), padding=((1, 0), (0, 1)))(h)
+        return nn.Dense(2)(jax.nn.relu(h).reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize(
+    "composite",
+    [C.EpsilonPlusFlat(), C.EpsilonGammaBox(0.0, 1.0), C.DeepTaylor(0.0, 1.0), C.EpsilonAlpha2Beta1()],
+    ids=["EpsilonPlusFlat", "EpsilonGammaBox", "DeepTaylor", "EpsilonAlpha2Beta1"],
+)
+def test_jnp_pad_before_a_convolution_gives_the_relevance_of_the_padded_convolution(composite):
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 5, 4, 2))
+    variables = PaddedConvNet(False).init(jax.random.PRNGKey(1), x)
+    results = {}
+    for hand in (True, False):
+        R, y = dtd.explain(PaddedConvNet(hand).apply, variables, x, target=1, composite=composite)
+        results[hand] = np.asarray(R), np.asarray(y)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
