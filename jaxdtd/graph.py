@@ -96,23 +96,36 @@ class AffineLayer:
         per-output-channel scales folded into ``kernel'`` (BatchNorm, rules.md) and its shifts
         (scaled and rearranged like the output) summed into ``bias`` (``None`` if there is none)."""
         scale = bias = None
+        rank = len(self.linear.out_avals[0].shape)
+        layout = tuple(range(rank))  # dimension i of the current value is dimension layout[i] of z
         for op, c in zip(self.chain, chain_values, strict=True):
             if op.op == "view":
                 if bias is not None:  # views are linear: view(a + b) = view(a) + view(b)
                     bias = op.equation.bind([jnp.broadcast_to(bias, op.equation.in_avals[0].shape)])[0]
+                if op.equation.name == "transpose":
+                    layout = tuple(layout[p] for p in op.equation.params["permutation"])
             elif op.op == "add":
                 bias = c if bias is None else bias + c
             elif op.op == "sub":
                 bias = -c if bias is None else bias - c
-            elif op.op == "mul":
-                scale = c if scale is None else scale * c
-                bias = None if bias is None else bias * c
-            else:  # div
-                scale = 1.0 / c if scale is None else scale / c
-                bias = None if bias is None else bias / c
+            else:  # mul, div: the factor in z's layout (only transposes may precede it, see _find_layers)
+                factor = _to_layout(jnp.asarray(c), layout, rank)
+                if op.op == "mul":
+                    scale = factor if scale is None else scale * factor
+                    bias = None if bias is None else bias * c
+                else:
+                    scale = 1.0 / factor if scale is None else scale / factor
+                    bias = None if bias is None else bias / c
         if scale is not None:
             kernel = self.scale_kernel(kernel, scale)
         return kernel, bias
+
+
+def _to_layout(value: Any, layout: tuple[int, ...], rank: int) -> Any:
+    """``value`` (broadcastable to a value whose dimension ``i`` is dimension ``layout[i]`` of the
+    layer's output) rearranged to broadcast against the layer's output itself."""
+    value = jnp.reshape(value, (1,) * (rank - value.ndim) + value.shape)
+    return jnp.transpose(value, tuple(int(i) for i in np.argsort(layout)))
 
 
 def _output_feature_dims(eqn: Equation, data_position: int) -> tuple[int, ...]:
@@ -298,6 +311,21 @@ def chain_op(
     return ChainOp(eqn, eqn.name, position)
 
 
+def _shape_in_layout(
+    shape: tuple[int, ...], transposes: Sequence[Equation], linear: Equation
+) -> tuple[int, ...]:
+    """The shape of a constant broadcast against the value after ``transposes`` of the layer's
+    output, as it broadcasts against the output itself (see :func:`_to_layout`)."""
+    rank = len(linear.out_avals[0].shape)
+    if len(shape) > rank:
+        return tuple(shape)  # not foldable (_scale_is_foldable says so)
+    layout = tuple(range(rank))
+    for t in transposes:
+        layout = tuple(layout[p] for p in t.params["permutation"])
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    return tuple(padded[i] for i in np.argsort(layout))
+
+
 def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[int, ...]) -> bool:
     out_shape = linear.out_avals[0].shape
     if len(const_shape) > len(out_shape):
@@ -395,9 +423,10 @@ def _find_layers(program, data, dependent, non_negative, uses, consumers, produc
                 if op is None:
                     break
                 if op.op in ("mul", "div"):
-                    if any(o.op == "view" for o in chain):  # scales fold into the kernel only before views
+                    views = [o.equation for o in chain if o.op == "view"]
+                    if any(v.name != "transpose" for v in views):  # a scale folds through transposes only
                         break
-                    const_shape = nxt.in_avals[op.const_position].shape
+                    const_shape = _shape_in_layout(nxt.in_avals[op.const_position].shape, views, eqn)
                     if not _scale_is_foldable(eqn, data_position, const_shape):
                         break
                 chain.append(op)

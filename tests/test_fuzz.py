@@ -375,13 +375,6 @@ def test_lrp0_conserves(case):
 # ==================================================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxdtd folds a per-feature scale into a layer only when no view (transpose, reshape) sits "
-    "between the product and the scale: after (w.T @ x.T).T (vmapped Equinox layers, channels-first "
-    "convolutions transposed back) a BatchNorm stays a Pass scaling, and z+ / z^B act on the "
-    "unscaled weights",
-)
 def test_batchnorm_after_a_transposed_layer_is_folded():
     """``relu((x @ w) * s) @ u`` and the same with ``(w.T @ x.T).T``: one function, one heatmap.  With the
     scale folded (``x @ w``) DeepTaylor(0, 1) conserves, ``R = [1, 1]`` for ``f(x) = 2``; unfolded, the
@@ -395,7 +388,7 @@ def test_batchnorm_after_a_transposed_layer_is_folded():
     transposed, _ = dtd.explain(
         lambda p, x: jax.nn.relu((w.T @ x.T).T * s) @ u, None, x, target=0, composite=composite
     )
-    np.testing.assert_allclose(np.asarray(transposed), np.asarray(direct), rtol=1e-5)  # is [[0, 0]]
+    np.testing.assert_allclose(np.asarray(transposed), np.asarray(direct), rtol=1e-5)  # was [[0, 0]]
 
 
 @pytest.mark.xfail(
@@ -461,6 +454,39 @@ def test_zero_padding_by_jnp_pad_is_not_a_bound(composite):
         sums[str(padding)] = float(relevance.sum())
     np.testing.assert_allclose(sums["((1, 0),)"], 3.0, rtol=1e-5)
     np.testing.assert_allclose(sums["CAUSAL"], 3.0, rtol=1e-5)  # is 2.5
+
+
+@pytest.mark.parametrize(
+    "composite",
+    [C.EpsilonPlusFlat(), C.EpsilonGammaBox(-3.0, 3.0), C.DeepTaylor(-3.0, 3.0), C.EpsilonAlpha2Beta1()],
+    ids=["EpsilonPlusFlat", "EpsilonGammaBox", "DeepTaylor", "EpsilonAlpha2Beta1"],
+)
+def test_a_scale_after_a_channels_first_convolution_transposed_back_is_folded(composite):
+    """``conv(x) * s + b`` in NHWC, and the same convolution computed channels-first (``NCHW``) and
+    transposed back before the per-channel scale and shift (a BatchNorm): one function, one heatmap."""
+    key = jax.random.split(jax.random.PRNGKey(3), 5)
+    x = jax.random.uniform(key[0], (2, 5, 5, 3), minval=-3.0, maxval=3.0)
+    w = jax.random.normal(key[1], (3, 3, 3, 4))  # HWIO
+    s, b = jax.random.normal(key[2], (4,)), 0.1 * jax.random.normal(key[3], (4,))
+    head = jax.random.normal(key[4], (5 * 5 * 4, 2))
+
+    def nhwc(p, x):
+        z = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(z * s + b).reshape(x.shape[0], -1) @ head
+
+    def nchw(p, x):
+        z = jax.lax.conv_general_dilated(
+            x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1), "SAME",
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )  # fmt: skip
+        return jax.nn.relu(z.transpose(0, 2, 3, 1) * s + b).reshape(x.shape[0], -1) @ head
+
+    direct, y = dtd.explain(nhwc, None, x, target=1, composite=composite)
+    transposed, y_t = dtd.explain(nchw, None, x, target=1, composite=composite)
+    np.testing.assert_allclose(np.asarray(y_t), np.asarray(y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(transposed), np.asarray(direct), rtol=1e-4, atol=1e-5)
+    plan = dtd.trace_plan(nchw, composite, (None, x))
+    assert plan.layer_rules[0][0].folds_scale
 
 
 class PaddedConvNet(nn.Module):
