@@ -353,7 +353,8 @@ def _absorb_zero_pad(conv: Equation, producer, uses, consumers, data) -> Equatio
     but the padded zeros are the convolution's implicit padding, not input features, so no rule
     hands them relevance (w^2 and Flat count only in-bounds taps, as for lax padding).  Only a pad
     used by this convolution alone, with zero padding value, no interior padding, non-negative
-    padding on the spatial dimensions only, and no input dilation; else ``conv`` unchanged."""
+    padding on the spatial dimensions only, no input dilation, and a total padding no wider than the
+    kernel's reach ``(k - 1) * dilation`` on each side; else ``conv`` unchanged."""
     x = conv.invars[0]
     pad = producer.get(x)
     if (
@@ -380,6 +381,14 @@ def _absorb_zero_pad(conv: Equation, producer, uses, consumers, data) -> Equatio
         (lo + config[d][0], hi + config[d][1])
         for (lo, hi), d in zip(conv.params["padding"], spatial, strict=True)
     )
+    kernel_shape = conv.in_avals[1].shape
+    dilation = conv.params.get("rhs_dilation") or (1,) * len(spatial)
+    rhs_spatial = conv.params["dimension_numbers"].rhs_spec[2:]
+    reach = [(kernel_shape[d] - 1) * r for d, r in zip(rhs_spatial, dilation, strict=True)]
+    if any(lo > m or hi > m for (lo, hi), m in zip(padding, reach, strict=True)):
+        # a window wholly in the padding: the transpose of such a convolution has negative padding,
+        # which XLA:CPU computes wrong (openxla/xla#48713); with the explicit pad it is exact
+        return conv
     return dataclasses.replace(
         conv,
         params={**conv.params, "padding": padding},

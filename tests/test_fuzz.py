@@ -426,6 +426,26 @@ def test_xla_conv_transpose_with_negative_low_padding():
     np.testing.assert_allclose(np.asarray(relevance["padded"]), np.asarray(relevance["explicit"]), rtol=1e-5)
 
 
+def test_a_jnp_pad_wider_than_the_kernel_is_kept_explicit():
+    """``jnp.pad(x, 2)`` before a kernel-2 convolution is not absorbed into the convolution's padding
+    (its transpose would have the negative padding XLA:CPU gets wrong, see the test above): the
+    relevance stays exact, LRP-0 on this bias-free linear map is gradient x input."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 1)), dtype=jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 1, 4)), dtype=jnp.float32)
+    numbers = ("NWC", "WIO", "NWC")
+
+    def explicit(p, x):
+        x = jnp.pad(x, ((0, 0), (2, 0), (0, 0)))
+        return jax.lax.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=numbers).sum(1)
+
+    relevance, _ = dtd.explain(explicit, None, x, target=0, composite=R.Epsilon(0.0))
+    grad = jax.grad(lambda x: explicit(None, x)[:, 0].sum())(x)
+    np.testing.assert_allclose(np.asarray(relevance), np.asarray(x * grad), rtol=1e-4, atol=1e-6)
+    assert dtd.trace_plan(explicit, R.Epsilon(0.0), (None, x)).layer_rules[0][0].linear.params["padding"] == (
+        (0, 0),
+    )
+
+
 class CausalNet(nn.Module):
     """Conv(1, kernel 2, ones, no bias) -> Dense(1, ones, no bias): ``f(x) = 2 x_0 + x_1``."""
 
