@@ -75,6 +75,31 @@ class AffineLayer:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.linear.in_avals[self.data_position].shape)
 
+    def apply_linear(self, x: Any, kernel: Any) -> Any:
+        """``A(x; kernel)``, the layer's linear primitive, for the rules (which transpose it).
+
+        A convolution padded wider than its kernel's reach ``(k - 1) * dilation`` on a side (a
+        window wholly in the padding) is computed as an explicit zero ``pad`` of the excess followed
+        by the convolution with the rest: the same values, but a transpose without the negative
+        padding that XLA:CPU computes wrong (openxla/xla#48713), so the relevance stays exact."""
+        eqn = self.linear
+        operands = [None, None]
+        operands[self.data_position], operands[1 - self.data_position] = x, kernel
+        excess = _padding_beyond_reach(eqn) if eqn.name == "conv_general_dilated" else None
+        if not excess:
+            return eqn.bind(operands)[0]
+        lhs_spec = eqn.params["dimension_numbers"].lhs_spec
+        config = [(0, 0, 0)] * len(eqn.in_avals[0].shape)
+        for d, (lo, hi) in zip(lhs_spec[2:], excess, strict=True):
+            config[d] = (lo, hi, 0)
+        padded = jax.lax.pad(operands[0], jnp.zeros((), operands[0].dtype), config)
+        padding = tuple(
+            (lo - a, hi - b) for (lo, hi), (a, b) in zip(eqn.params["padding"], excess, strict=True)
+        )
+        return dataclasses.replace(eqn, params={**eqn.params, "padding": padding}).bind(
+            [padded, operands[1]]
+        )[0]
+
     def scale_kernel(self, kernel: Any, scale: Any) -> Any:
         """``kernel * scale`` where ``scale`` (broadcastable to the output) varies only along the
         output features: folds a per-output-channel factor into the weights."""
@@ -335,6 +360,26 @@ def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[
     return all(size == 1 or d in features for d, size in enumerate(padded))
 
 
+def _conv_reach(conv: Equation) -> list[int]:
+    """``(k - 1) * dilation`` per spatial dimension of a convolution's kernel."""
+    rhs_spatial = conv.params["dimension_numbers"].rhs_spec[2:]
+    dilation = conv.params.get("rhs_dilation") or (1,) * len(rhs_spatial)
+    shape = conv.in_avals[1].shape
+    return [(shape[d] - 1) * r for d, r in zip(rhs_spatial, dilation, strict=True)]
+
+
+def _padding_beyond_reach(conv: Equation, padding: Any = None) -> tuple[tuple[int, int], ...] | None:
+    """Per spatial dimension, how far ``padding`` (default: the convolution's) exceeds the kernel's
+    reach on each side; ``None`` when it nowhere does (or the input is dilated: left as it is)."""
+    padding = conv.params["padding"] if padding is None else padding
+    if isinstance(padding, str) or any(d != 1 for d in conv.params.get("lhs_dilation") or ()):
+        return None
+    excess = tuple(
+        (max(0, lo - m), max(0, hi - m)) for (lo, hi), m in zip(padding, _conv_reach(conv), strict=True)
+    )
+    return excess if any(a or b for a, b in excess) else None
+
+
 def _literal(atom: Any, producer) -> Any:
     """The scalar value of ``atom`` when it is a constant, possibly behind ``convert_element_type``
     (``jnp.pad`` converts its Python padding value inside a jit); else ``None``."""
@@ -353,8 +398,8 @@ def _absorb_zero_pad(conv: Equation, producer, uses, consumers, data) -> Equatio
     but the padded zeros are the convolution's implicit padding, not input features, so no rule
     hands them relevance (w^2 and Flat count only in-bounds taps, as for lax padding).  Only a pad
     used by this convolution alone, with zero padding value, no interior padding, non-negative
-    padding on the spatial dimensions only, no input dilation, and a total padding no wider than the
-    kernel's reach ``(k - 1) * dilation`` on each side; else ``conv`` unchanged."""
+    padding on the spatial dimensions only, and no input dilation; else ``conv`` unchanged.  (A
+    padding wider than the kernel's reach is fine: :meth:`AffineLayer.apply_linear` handles it.)"""
     x = conv.invars[0]
     pad = producer.get(x)
     if (
@@ -381,14 +426,6 @@ def _absorb_zero_pad(conv: Equation, producer, uses, consumers, data) -> Equatio
         (lo + config[d][0], hi + config[d][1])
         for (lo, hi), d in zip(conv.params["padding"], spatial, strict=True)
     )
-    kernel_shape = conv.in_avals[1].shape
-    dilation = conv.params.get("rhs_dilation") or (1,) * len(spatial)
-    rhs_spatial = conv.params["dimension_numbers"].rhs_spec[2:]
-    reach = [(kernel_shape[d] - 1) * r for d, r in zip(rhs_spatial, dilation, strict=True)]
-    if any(lo > m or hi > m for (lo, hi), m in zip(padding, reach, strict=True)):
-        # a window wholly in the padding: the transpose of such a convolution has negative padding,
-        # which XLA:CPU computes wrong (openxla/xla#48713); with the explicit pad it is exact
-        return conv
     return dataclasses.replace(
         conv,
         params={**conv.params, "padding": padding},

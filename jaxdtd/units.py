@@ -176,13 +176,11 @@ class LayerUnit(Unit):
         return [self._with_rule(x, kernel, chain_values)]
 
     def _with_rule(self, x: Any, kernel: Any, chain_values: list[Any]) -> Any:
-        layer, rule, position = self.layer, self.rule, self.layer.data_position
+        layer, rule = self.layer, self.rule
         views = [op for op in layer.chain if op.op == "view"]
 
         def linear(v, w):
-            operands = [None, None]
-            operands[position], operands[1 - position] = v, w
-            return layer.linear.bind(operands)[0]
+            return layer.apply_linear(v, w)
 
         def linear_with_views(v, w):
             z = linear(v, w)

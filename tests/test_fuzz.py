@@ -395,7 +395,7 @@ def test_batchnorm_after_a_transposed_layer_is_folded():
     strict=True,
     reason="XLA:CPU computes f32 convolutions with negative low padding wrong (out-of-bounds reads, "
     "openxla/xla#48713); the transpose of a convolution whose low padding exceeds (k - 1) * dilation "
-    "has such padding, so jax.grad and every jaxdtd rule (linear_transpose) are wrong for it",
+    "has such padding, so jax.grad is wrong for it (jaxdtd's rules work around it: see the next test)",
 )
 def test_xla_conv_transpose_with_negative_low_padding():
     """A 1-D convolution with padding ``(2, 0)`` and kernel 2 (its first window lies in the padding) and
@@ -414,36 +414,41 @@ def test_xla_conv_transpose_with_negative_low_padding():
         return jax.lax.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=numbers).sum(1)
 
     np.testing.assert_allclose(np.asarray(padded(None, x)), np.asarray(explicit(None, x)), rtol=1e-6)
-    relevance = {
-        name: dtd.explain(f, None, x, target=0, composite=R.Epsilon(0.0))[0]
-        for name, f in (("padded", padded), ("explicit", explicit))
-    }
     grads = {
         name: jax.grad(lambda x, f=f: f(None, x)[:, 0].sum())(x)
         for name, f in (("padded", padded), ("explicit", explicit))
     }
     np.testing.assert_allclose(np.asarray(grads["padded"]), np.asarray(grads["explicit"]), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(relevance["padded"]), np.asarray(relevance["explicit"]), rtol=1e-5)
 
 
-def test_a_jnp_pad_wider_than_the_kernel_is_kept_explicit():
-    """``jnp.pad(x, 2)`` before a kernel-2 convolution is not absorbed into the convolution's padding
-    (its transpose would have the negative padding XLA:CPU gets wrong, see the test above): the
-    relevance stays exact, LRP-0 on this bias-free linear map is gradient x input."""
+def test_a_convolution_padded_wider_than_its_kernel_gets_exact_relevance():
+    """The convolution of the test above, padded ``(2, 0)`` with a kernel of 2: jax.grad is wrong for
+    it on XLA:CPU, but jaxdtd's rules transpose it as an explicit pad and a convolution padded
+    ``(1, 0)`` (``AffineLayer.apply_linear``), so its relevance equals that of the explicitly padded
+    form, which is exact (LRP-0 on this bias-free linear map is gradient x input)."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 1)), dtype=jnp.float32)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 1, 4)), dtype=jnp.float32)
     numbers = ("NWC", "WIO", "NWC")
+
+    def padded(p, x):
+        return jax.lax.conv_general_dilated(x, w, (1,), ((2, 0),), dimension_numbers=numbers).sum(1)
 
     def explicit(p, x):
         x = jnp.pad(x, ((0, 0), (2, 0), (0, 0)))
         return jax.lax.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=numbers).sum(1)
 
-    relevance, _ = dtd.explain(explicit, None, x, target=0, composite=R.Epsilon(0.0))
-    grad = jax.grad(lambda x: explicit(None, x)[:, 0].sum())(x)
-    np.testing.assert_allclose(np.asarray(relevance), np.asarray(x * grad), rtol=1e-4, atol=1e-6)
-    assert dtd.trace_plan(explicit, R.Epsilon(0.0), (None, x)).layer_rules[0][0].linear.params["padding"] == (
-        (0, 0),
-    )
+    exact = x * jax.grad(lambda x: explicit(None, x)[:, 0].sum())(x)
+    for f in (padded, explicit):
+        for composite in (R.Epsilon(0.0), C.EpsilonPlusFlat()):
+            relevance, y = dtd.explain(f, None, x, target=0, composite=composite)
+            np.testing.assert_allclose(np.asarray(y), np.asarray(explicit(None, x)), rtol=1e-5, atol=1e-6)
+            if composite == R.Epsilon(0.0):
+                np.testing.assert_allclose(np.asarray(relevance), np.asarray(exact), rtol=1e-4, atol=1e-6)
+    flat = [dtd.explain(f, None, x, target=0, composite=C.EpsilonPlusFlat())[0] for f in (padded, explicit)]
+    np.testing.assert_allclose(np.asarray(flat[0]), np.asarray(flat[1]), rtol=1e-5, atol=1e-6)
+    # the explicit pad is absorbed into the convolution's padding (then handled as the padded one)
+    layer = dtd.trace_plan(explicit, R.Epsilon(0.0), (None, x)).layer_rules[0][0]
+    assert layer.linear.params["padding"] == ((2, 0),)
 
 
 class CausalNet(nn.Module):
