@@ -121,20 +121,20 @@ class AffineLayer:
         per-output-channel scales folded into ``kernel'`` (BatchNorm, rules.md) and its shifts
         (scaled and rearranged like the output) summed into ``bias`` (``None`` if there is none)."""
         scale = bias = None
-        rank = len(self.linear.out_avals[0].shape)
-        layout = tuple(range(rank))  # dimension i of the current value is dimension layout[i] of z
+        out_shape = tuple(self.linear.out_avals[0].shape)
+        features = _output_feature_dims(self.linear, self.data_position)
+        views: list[Equation] = []
         for op, c in zip(self.chain, chain_values, strict=True):
             if op.op == "view":
                 if bias is not None:  # views are linear: view(a + b) = view(a) + view(b)
                     bias = op.equation.bind([jnp.broadcast_to(bias, op.equation.in_avals[0].shape)])[0]
-                if op.equation.name == "transpose":
-                    layout = tuple(layout[p] for p in op.equation.params["permutation"])
+                views.append(op.equation)
             elif op.op == "add":
                 bias = c if bias is None else bias + c
             elif op.op == "sub":
                 bias = -c if bias is None else bias - c
-            else:  # mul, div: the factor in z's layout (only transposes may precede it, see _find_layers)
-                factor = _to_layout(jnp.asarray(c), layout, rank)
+            else:  # mul, div: the factor on z itself (_find_layers checked that it maps there)
+                factor = _to_layout(jnp.asarray(c), views, out_shape, features)
                 if op.op == "mul":
                     scale = factor if scale is None else scale * factor
                     bias = None if bias is None else bias * c
@@ -146,11 +146,77 @@ class AffineLayer:
         return kernel, bias
 
 
-def _to_layout(value: Any, layout: tuple[int, ...], rank: int) -> Any:
-    """``value`` (broadcastable to a value whose dimension ``i`` is dimension ``layout[i]`` of the
-    layer's output) rearranged to broadcast against the layer's output itself."""
-    value = jnp.reshape(value, (1,) * (rank - value.ndim) + value.shape)
-    return jnp.transpose(value, tuple(int(i) for i in np.argsort(layout)))
+#: for each dimension of a view of a layer's output, the set of output dimensions it is made of (a
+#: transpose moves them, a reshape merges or splits them); ``None``: a view that is not tracked
+Layout = tuple  # tuple[frozenset[int], ...] | None
+
+
+def _reshape_groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[frozenset[int]]:
+    """For each dimension of ``after``, the dimensions of ``before`` that a row-major reshape makes it
+    from (the minimal contiguous groups of equal size products); size-1 dimensions: none."""
+    groups: list[frozenset[int]] = [frozenset()] * len(after)
+    i = j = 0
+    while True:
+        while i < len(before) and before[i] == 1:
+            i += 1
+        while j < len(after) and after[j] == 1:
+            j += 1
+        if i >= len(before) or j >= len(after):
+            return groups
+        left, right, p, q = [i], [j], before[i], after[j]
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q:
+                left.append(i)
+                p, i = p * before[i], i + 1
+            else:
+                right.append(j)
+                q, j = q * after[j], j + 1
+        for a in right:
+            groups[a] = frozenset(left)
+
+
+def _view_layout(layout: Layout, view: Equation) -> Layout:
+    """The :data:`Layout` after ``view`` (transpose, reshape, squeeze, expand_dims); others: ``None``."""
+    if layout is None:
+        return None
+    if view.name == "transpose":
+        return tuple(layout[p] for p in view.params["permutation"])
+    if view.name in ("reshape", "squeeze", "expand_dims"):
+        groups = _reshape_groups(tuple(view.in_avals[0].shape), tuple(view.out_avals[0].shape))
+        return tuple(frozenset().union(*(layout[b] for b in group)) for group in groups)
+    return None
+
+
+def _scale_maps_to_features(shape: tuple[int, ...], layout: Layout, features: Sequence[int]) -> bool:
+    """Can a constant of ``shape``, multiplying a view (``layout``) of a layer's output, be folded:
+    does it vary only along view dimensions made of the output's feature dimensions alone?"""
+    if layout is None or len(shape) > len(layout):
+        return False
+    padded = (1,) * (len(layout) - len(shape)) + tuple(shape)
+    return all(
+        size == 1 or (dims and dims <= set(features)) for size, dims in zip(padded, layout, strict=True)
+    )
+
+
+def _to_layout(
+    value: Any, views: Sequence[Equation], out_shape: tuple[int, ...], features: Sequence[int]
+) -> Any:
+    """``value``, broadcastable to the result of ``views`` of a layer's output (``out_shape``) and
+    varying only along its feature dimensions there (checked by :func:`_scale_maps_to_features`),
+    as a factor of the output itself: broadcast to the viewed shape, the views undone (inverse
+    transposes, reshapes back), and the non-feature dimensions taken at index 0 (size 1)."""
+    shapes = [tuple(out_shape)]
+    for view in views:
+        shapes.append(tuple(view.out_avals[0].shape))
+    full = jnp.broadcast_to(value, shapes[-1])
+    for view, before in zip(reversed(views), reversed(shapes[:-1]), strict=True):
+        if view.name == "transpose":
+            full = jnp.transpose(full, tuple(int(k) for k in np.argsort(view.params["permutation"])))
+        else:
+            full = jnp.reshape(full, before)
+    index = tuple(slice(None) if d in features else slice(0, 1) for d in range(len(out_shape)))
+    return full[index]
 
 
 def _output_feature_dims(eqn: Equation, data_position: int) -> tuple[int, ...]:
@@ -336,30 +402,6 @@ def chain_op(
     return ChainOp(eqn, eqn.name, position)
 
 
-def _shape_in_layout(
-    shape: tuple[int, ...], transposes: Sequence[Equation], linear: Equation
-) -> tuple[int, ...]:
-    """The shape of a constant broadcast against the value after ``transposes`` of the layer's
-    output, as it broadcasts against the output itself (see :func:`_to_layout`)."""
-    rank = len(linear.out_avals[0].shape)
-    if len(shape) > rank:
-        return tuple(shape)  # not foldable (_scale_is_foldable says so)
-    layout = tuple(range(rank))
-    for t in transposes:
-        layout = tuple(layout[p] for p in t.params["permutation"])
-    padded = (1,) * (rank - len(shape)) + tuple(shape)
-    return tuple(padded[i] for i in np.argsort(layout))
-
-
-def _scale_is_foldable(linear: Equation, data_position: int, const_shape: tuple[int, ...]) -> bool:
-    out_shape = linear.out_avals[0].shape
-    if len(const_shape) > len(out_shape):
-        return False
-    padded = (1,) * (len(out_shape) - len(const_shape)) + tuple(const_shape)
-    features = _output_feature_dims(linear, data_position)
-    return all(size == 1 or d in features for d, size in enumerate(padded))
-
-
 def _conv_reach(conv: Equation) -> list[int]:
     """``(k - 1) * dilation`` per spatial dimension of a convolution's kernel."""
     rhs_spatial = conv.params["dimension_numbers"].rhs_spec[2:]
@@ -469,12 +511,13 @@ def _find_layers(program, data, dependent, non_negative, uses, consumers, produc
                 if op is None:
                     break
                 if op.op in ("mul", "div"):
-                    views = [o.equation for o in chain if o.op == "view"]
-                    if any(v.name != "transpose" for v in views):  # a scale folds through transposes only
-                        break
-                    const_shape = _shape_in_layout(nxt.in_avals[op.const_position].shape, views, eqn)
-                    if not _scale_is_foldable(eqn, data_position, const_shape):
-                        break
+                    layout: Layout = tuple(frozenset({d}) for d in range(len(eqn.out_avals[0].shape)))
+                    for o in chain:
+                        if o.op == "view":
+                            layout = _view_layout(layout, o.equation)
+                    features = _output_feature_dims(eqn, data_position)
+                    if not _scale_maps_to_features(nxt.in_avals[op.const_position].shape, layout, features):
+                        break  # a scale folds only along the output's features, through any views
                 chain.append(op)
                 current = nxt.outvars[0]
             while chain and chain[-1].op == "view":  # keep views only when a bias add follows them

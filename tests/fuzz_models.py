@@ -543,10 +543,9 @@ class _Draw:
             features = groups * draw(st.integers(1, max(1, MAX_WIDTH // groups)))
         kernel, strides, dilation = [], [], []
         modes = ["SAME", "SAME", "explicit", "CIRCULAR", "REFLECT"]
-        if len(spatial) == 1 and self.mode != "deep_taylor":
-            # deep_taylor: Flax's CAUSAL padding is a jnp.pad of zeros before a VALID convolution, and
-            # w^2 / Flat on a first layer give the padded zeros relevance that pad's gradient drops:
-            # test_fuzz.py::test_zero_padding_by_jnp_pad_is_not_a_bound (xfail)
+        if len(spatial) == 1:
+            # Flax's CAUSAL padding is a jnp.pad of zeros before a VALID convolution: absorbed into
+            # the convolution's padding (test_fuzz.py::test_zero_padding_by_jnp_pad_is_not_a_bound)
             modes.append("CAUSAL")
         padding = draw(st.sampled_from(modes if keep_shape else [*modes, "VALID", "VALID"]))
         pads = []
@@ -561,8 +560,9 @@ class _Draw:
                 pads.append((low, span - low))
             else:
                 # low padding > span (a window in the padding alone) is left out: XLA:CPU computes the
-                # transposed convolution (negative padding) wrong, see test_fuzz.py::
-                # test_xla_conv_transpose_with_negative_low_padding (jax.grad is wrong as well)
+                # transposed convolution (negative padding) wrong, so jax.grad, which the properties
+                # compare against, is wrong there (test_fuzz.py::
+                # test_xla_conv_transpose_with_negative_low_padding); jaxdtd's rules work around it
                 pads.append((draw(st.integers(0, min(2, span))), draw(st.integers(0, 2))))
                 if n + sum(pads[-1]) < span + 1:
                     pads[-1] = (span, 0)
@@ -571,7 +571,7 @@ class _Draw:
             strides.append(1 if keep_shape else draw(st.sampled_from([1, 2])))
         if padding == "explicit":
             padding = tuple(pads)
-        layout = draw(st.sampled_from(["last", "first"])) if self.mode != "deep_taylor" else "last"
+        layout = draw(st.sampled_from(["last", "first"]))
         return Conv(features, tuple(kernel), tuple(strides), padding, tuple(dilation), groups, "any", layout)
 
     def raw_sums_forbidden(self, first: bool) -> bool:
@@ -665,10 +665,6 @@ class _Draw:
         else:
             layer = self.dense(shape, features=shape[-1] if keep_shape else None)
         layer = dataclasses.replace(layer, bias=self.bias(with_bn))
-        if self.mode == "deep_taylor" and with_bn and isinstance(layer, Dense) and layer.form == "transposed":
-            # a BatchNorm after (w.T @ x.T).T is not folded, and z+ on the unscaled weights does not
-            # conserve: test_fuzz.py::test_batchnorm_after_a_transposed_layer_is_folded (xfail)
-            layer = dataclasses.replace(layer, form="matmul")
         ops = [layer]
         if with_bn:
             ops.append(self.batchnorm(after_layer=True))

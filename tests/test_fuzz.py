@@ -514,6 +514,47 @@ def test_a_scale_after_a_channels_first_convolution_transposed_back_is_folded(co
     assert plan.layer_rules[0][0].folds_scale
 
 
+@pytest.mark.parametrize(
+    "composite",
+    [C.EpsilonPlusFlat(), C.EpsilonGammaBox(-3.0, 3.0), C.DeepTaylor(-3.0, 3.0), C.EpsilonAlpha2Beta1()],
+    ids=["EpsilonPlusFlat", "EpsilonGammaBox", "DeepTaylor", "EpsilonAlpha2Beta1"],
+)
+def test_a_scale_after_a_layer_reshaped_to_channels_is_folded(composite):
+    """A dense layer whose output is reshaped to ``(B, H, W, C)`` before a per-channel scale and shift
+    (a BatchNorm after a decoder's projection), and the same layer written as one ``einsum`` to
+    ``(B, H, W, C)``: one function, one heatmap.  A scale along a merged dimension is not folded."""
+    key = jax.random.split(jax.random.PRNGKey(4), 5)
+    x = jax.random.uniform(key[0], (3, 6), minval=-3.0, maxval=3.0)
+    w = jax.random.normal(key[1], (6, 2, 2, 4))
+    s, b = jax.random.normal(key[2], (4,)), 0.1 * jax.random.normal(key[3], (4,))
+    head = jax.random.normal(key[4], (16, 2))
+
+    def einsum(p, x):
+        z = jnp.einsum("bi,ihwc->bhwc", x, w)
+        return jax.nn.relu(z * s + b).reshape(x.shape[0], -1) @ head
+
+    def reshaped(p, x):
+        z = (x @ w.reshape(6, 16)).reshape(x.shape[0], 2, 2, 4)
+        return jax.nn.relu(z * s + b).reshape(x.shape[0], -1) @ head
+
+    direct, y = dtd.explain(einsum, None, x, target=1, composite=composite)
+    viewed, y_v = dtd.explain(reshaped, None, x, target=1, composite=composite)
+    np.testing.assert_allclose(np.asarray(y_v), np.asarray(y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(viewed), np.asarray(direct), rtol=1e-4, atol=1e-5)
+    assert dtd.trace_plan(reshaped, composite, (None, x)).layer_rules[0][0].folds_scale
+    # a factor along a part of the split feature axis is per-feature too; one that varies along a
+    # dimension mixing the batch into the features is not, and stays a scaling of the output
+    along_h = lambda p, x: ((x @ w.reshape(6, 16)).reshape(3, 2, 8) * jnp.array([1.0, -2.0])[:, None]).sum(
+        (1, 2)
+    )
+    mixed = lambda p, x: (
+        ((x @ w.reshape(6, 16)).reshape(48) * jnp.linspace(0.5, 1.5, 48)).reshape(3, 16).sum(1)
+    )
+    for fn, folds in ((along_h, True), (mixed, False)):
+        plan = dtd.trace_plan(lambda p, x, fn=fn: fn(p, x)[:, None], composite, (None, x))
+        assert plan.layer_rules[0][0].folds_scale == folds
+
+
 class PaddedConvNet(nn.Module):
     """Two convolutions whose zero padding is written as ``jnp.pad`` (``hand=True``) or given to the
     convolution (``hand=False``): one function."""
