@@ -33,13 +33,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformer_models  # the sibling script: measure(), machine()
+import transformer_models  # the sibling script: measure(), header(), emitter()
 
 from jaxdtd.models import smollm2
 from jaxdtd.models.llama import Llama, LlamaConfig
@@ -111,17 +109,8 @@ def main() -> None:
     if min(seqs + [repeats]) < 1:
         parser.error("--seq and --repeats must be at least 1")
 
-    def emit(text: str) -> None:
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(text + "\n")
-
-    emit(
-        f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-        f"{jax.local_device_count()} device(s), {transformer_models.machine()}, "
-        f"Python {platform.python_version()}, jax {jax.__version__}\n"
-    )
+    emit = transformer_models.emitter(args.out)
+    emit(transformer_models.header())
     for length in seqs:
         what, score, variables, E, target = setup(
             length, args.tiny, not args.no_remat, args.random_init, args.all_logits, args.dtype

@@ -278,6 +278,27 @@ def machine() -> str:
     return f"{platform.platform()}, {processor or platform.machine()}, {os.cpu_count()} cores"
 
 
+def header() -> str:
+    """The first line of a results file: date, device, machine, Python and jax versions."""
+    return (
+        f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+        f"{jax.local_device_count()} device(s), {machine()}, Python {platform.python_version()}, "
+        f"jax {jax.__version__}\n"
+    )
+
+
+def emitter(out: str | None):
+    """``emit(text)``: print ``text`` and, with ``out``, append it to that file."""
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        if out:
+            with open(out, "a") as handle:
+                handle.write(text + "\n")
+
+    return emit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", nargs="+", default=["minilm", "vit"], choices=["minilm", "vit"])
@@ -301,17 +322,8 @@ def main() -> None:
     if min(batches + seqs + sizes + [repeats]) < 1:
         parser.error("--batch, --seq, --size and --repeats must be at least 1")
 
-    def emit(text: str) -> None:
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(text + "\n")
-
-    emit(
-        f"{time.strftime('%Y-%m-%d')}, {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-        f"{jax.local_device_count()} device(s), {machine()}, Python {platform.python_version()}, "
-        f"jax {jax.__version__}\n"
-    )
+    emit = emitter(args.out)
+    emit(header())
     for name in args.model:
         for length in seqs if name == "minilm" else sizes:
             for batch in batches:

@@ -391,18 +391,10 @@ def test_batchnorm_after_a_transposed_layer_is_folded():
     np.testing.assert_allclose(np.asarray(transposed), np.asarray(direct), rtol=1e-5)  # was [[0, 0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="XLA:CPU computes f32 convolutions with negative low padding wrong (out-of-bounds reads, "
-    "openxla/xla#48713); the transpose of a convolution whose low padding exceeds (k - 1) * dilation "
-    "has such padding, so jax.grad is wrong for it (jaxdtd's rules work around it: see the next test)",
-)
-def test_xla_conv_transpose_with_negative_low_padding():
-    """A 1-D convolution with padding ``(2, 0)`` and kernel 2 (its first window lies in the padding) and
-    the same convolution of ``jnp.pad(x, 2, 0)`` with VALID padding are one function.  Their gradients
-    and relevances differ on CPU: the gradient of the second input entry is that of the first."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 2, 1)), dtype=jnp.float32)
+def _padded_wider_than_the_kernel():
+    """``(x, padded, explicit)``: a 1-D convolution with padding ``(2, 0)`` and kernel 2 (its first
+    window lies in the padding), and the same convolution of ``jnp.pad(x, 2, 0)`` with VALID padding."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 1)), dtype=jnp.float32)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 1, 4)), dtype=jnp.float32)
     numbers = ("NWC", "WIO", "NWC")
 
@@ -413,6 +405,19 @@ def test_xla_conv_transpose_with_negative_low_padding():
         x = jnp.pad(x, ((0, 0), (2, 0), (0, 0)))
         return jax.lax.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=numbers).sum(1)
 
+    return x, padded, explicit
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="XLA:CPU computes f32 convolutions with negative low padding wrong (out-of-bounds reads, "
+    "openxla/xla#48713); the transpose of a convolution whose low padding exceeds (k - 1) * dilation "
+    "has such padding, so jax.grad is wrong for it (jaxdtd's rules work around it: see the next test)",
+)
+def test_xla_conv_transpose_with_negative_low_padding():
+    """The two forms of :func:`_padded_wider_than_the_kernel` are one function, but their gradients
+    differ on CPU: the gradient of the second input entry is that of the first."""
+    x, padded, explicit = _padded_wider_than_the_kernel()
     np.testing.assert_allclose(np.asarray(padded(None, x)), np.asarray(explicit(None, x)), rtol=1e-6)
     grads = {
         name: jax.grad(lambda x, f=f: f(None, x)[:, 0].sum())(x)
@@ -426,17 +431,7 @@ def test_a_convolution_padded_wider_than_its_kernel_gets_exact_relevance():
     it on XLA:CPU, but jaxdtd's rules transpose it as an explicit pad and a convolution padded
     ``(1, 0)`` (``AffineLayer.apply_linear``), so its relevance equals that of the explicitly padded
     form, which is exact (LRP-0 on this bias-free linear map is gradient x input)."""
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 1)), dtype=jnp.float32)
-    w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 1, 4)), dtype=jnp.float32)
-    numbers = ("NWC", "WIO", "NWC")
-
-    def padded(p, x):
-        return jax.lax.conv_general_dilated(x, w, (1,), ((2, 0),), dimension_numbers=numbers).sum(1)
-
-    def explicit(p, x):
-        x = jnp.pad(x, ((0, 0), (2, 0), (0, 0)))
-        return jax.lax.conv_general_dilated(x, w, (1,), "VALID", dimension_numbers=numbers).sum(1)
-
+    x, padded, explicit = _padded_wider_than_the_kernel()
     exact = x * jax.grad(lambda x: explicit(None, x)[:, 0].sum())(x)
     for f in (padded, explicit):
         for composite in (R.Epsilon(0.0), C.EpsilonPlusFlat()):
