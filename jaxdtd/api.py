@@ -430,8 +430,8 @@ def _build_plan(
     cuts = cuts_for(program, analysis, composite)  # LayerNorm's sigma, the composite's cuts
     if cuts:
         analysis = analyse(program, explained, leaf_names, cuts=cuts, seeds=seed_vars)
-    result = plan(program, analysis, composite, cuts=cuts)
     tap_values = select_values(program, analysis.layers, taps, "tap") if taps else ()
+    result = plan(program, analysis, composite, cuts=cuts, keep=frozenset(v for _, v in tap_values))
     result = dataclasses.replace(result, taps=tap_values, seeds=seed_values)
     layers = [layer for layer, _, _ in result.layer_rules]
     unmatched = composite.unmatched_patterns(layers)

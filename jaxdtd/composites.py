@@ -93,6 +93,12 @@ class Composite:
     for the entries after it, in this order: ``layers`` (``(glob, rule)`` pairs: ``Path(glob)``),
     ``first`` (``First()``), ``conv`` / ``dense`` (``LayerKind``), ``default`` (every layer), and
     ``operations`` (``{primitive: rule}``: ``UnitKind("operation") & Primitive(name)``).
+
+    ``attention_block`` is an evaluation setting, not a rule: the attention cores
+    (``softmax(c q k^T + M) v``) are evaluated as one unit whose backward pass applies the same
+    rules to blocks of this many query rows at a time (:mod:`jaxdtd.attention`; the same relevance,
+    memory ``O(T * block)`` instead of ``O(T^2)``).  ``None`` chooses the block so that one block of
+    the scores has at most 2**22 elements; ``0`` evaluates the core unit by unit.
     """
 
     dense: R.Rule | None = None
@@ -104,8 +110,16 @@ class Composite:
     name: str = "Composite"
     cuts: Any = ()
     rules: Any = ()
+    attention_block: int | None = None
 
     def __post_init__(self) -> None:
+        if self.attention_block is not None and (
+            not isinstance(self.attention_block, int) or self.attention_block < 0
+        ):
+            raise TypeError(
+                f"Composite.attention_block must be None, 0 or a positive number of query rows, "
+                f"got {self.attention_block!r}"
+            )
         if isinstance(self.cuts, str) or not all(isinstance(c, str) for c in self.cuts):
             raise TypeError(f"Composite.cuts must be a sequence of pattern strings, got {self.cuts!r}")
         object.__setattr__(self, "cuts", tuple(self.cuts))

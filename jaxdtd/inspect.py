@@ -142,7 +142,7 @@ def _describe_plan(the_plan: Plan) -> Description:
             type(unit.rule).__name__,
             unit.reason,
         )
-        for unit in the_plan.units
+        for unit in the_plan.unfused_units()
         if isinstance(unit, IslandUnit)
     )
     counts.update(  # values made constants: normalization statistics and the composite's cuts

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from . import rules as R
+from .attention import AttentionUnit, fuse_attention
 from .composites import Composite
 from .errors import Problem, UnsupportedOperationError
 from .graph import AffineLayer, Analysis, ChainOp, analyse, chain_op, consumers_of, is_float
@@ -59,6 +60,15 @@ class Plan:
     out_tree: Any = None
     taps: tuple[tuple[str, int], ...] = ()
     seeds: tuple[tuple[str, int], ...] = ()
+
+    def unfused_units(self) -> tuple[Unit, ...]:
+        """:attr:`units` with each fused attention core (:class:`jaxdtd.attention.AttentionUnit`)
+        as the units it stands for: the rule of every product, step and softmax."""
+        return tuple(
+            part
+            for unit in self.units
+            for part in (unit.replaced if isinstance(unit, AttentionUnit) else (unit,))
+        )
 
 
 def relevance_liveness(program: Program, analysis: Analysis) -> frozenset[int]:
@@ -235,10 +245,12 @@ def plan(
     composite: Composite,
     *,
     cuts: frozenset[int] = frozenset(),
+    keep: frozenset[int] = frozenset(),
 ) -> Plan:
     """Decide a unit and a rule for every equation; raise one error listing every operation on
     data that can receive relevance and has no rule.  ``cuts`` are equation indices evaluated as
-    constants (see :func:`jaxdtd.graph.analyse`)."""
+    constants (see :func:`jaxdtd.graph.analyse`); ``keep`` are values that must stay visible (taps):
+    no fused unit (:func:`jaxdtd.attention.fuse_attention`) hides them."""
     live = relevance_liveness(program, analysis)
     units: dict[int, Unit] = {}  # index of a unit's last equation -> unit
     covered: set[int] = set()
@@ -360,6 +372,9 @@ def plan(
             ordered.append(units[eqn.index])
         elif eqn.index not in covered:
             ordered.append(Bind(eqn))
+    if composite.attention_block != 0:
+        outputs = frozenset(a for a in program.outvars if not isinstance(a, Constant))
+        ordered = fuse_attention(ordered, analysis, outputs, keep, composite.attention_block)
     operations = tuple((program.equations[i], rule, reasons[i]) for i, rule in operation_rules.items())
     return Plan(program, analysis, tuple(ordered), tuple(layer_rules), live, operations)
 
