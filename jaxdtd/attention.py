@@ -208,10 +208,15 @@ class AttentionUnit(Unit):
 
             def step(carry, i):
                 r_q, found = one_block(i * block)
-                return {v: carry[v] + found[v] for v in carry}, r_q
+                return {v: carry[v] + found[v].astype(carry[v].dtype) for v in carry}, r_q
 
-            init = {v: jnp.zeros_like(env[v]) for v in dict.fromkeys(full_data)}
+            # the sums over blocks in at least float32 (bfloat16 models), cast back at the end
+            init = {
+                v: jnp.zeros(jnp.shape(env[v]), jnp.promote_types(jnp.result_type(env[v]), jnp.float32))
+                for v in dict.fromkeys(full_data)
+            }
             found, blocks = jax.lax.scan(step, init, jnp.arange(n))
+            found = {v: r.astype(jnp.result_type(env[v])) for v, r in found.items()}
             axis = self.query_axis
             r_q = jnp.moveaxis(blocks, 0, axis)
             shape = list(r_q.shape)

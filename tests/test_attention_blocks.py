@@ -1,10 +1,10 @@
 """The attention core evaluated in blocks of query rows (``jaxdtd.attention``).
 
-* The fused, blocked relevance equals the unit-by-unit relevance (``attention_block=0``, the
-  engine's path that the LXT golden files check) on every attention the model zoo writes: Llama
-  (RoPE, grouped-query heads, causal mask; unrolled and under ``nn.scan`` + ``nn.remat``), BERT with
-  a padding mask, GPT-2 and ViT; with block sizes that divide the rows, that do not (padded rows)
-  and one row per block; under ``jit`` and ``vmap`` over targets.
+* The fused, blocked relevance equals the unit-by-unit relevance (``attention_block=0``; the LXT
+  golden files check the default, fused path) on every attention the model zoo writes: Llama (RoPE,
+  grouped-query heads, causal mask, under ``nn.scan`` + ``nn.remat``), BERT with a padding mask,
+  GPT-2 and ViT; in one block and in blocks that do not divide the rows (a padded last block); under
+  ``jit`` and ``vmap`` over targets.
 * What is fused: one core per layer; nothing when the attention weights are also an output or
   tapped (the tap then equals the unfused one).
 * Memory, from XLA's analysis of the compiled programs: at 512 tokens the blocked relevance
@@ -35,19 +35,19 @@ LLAMA = LlamaConfig(
     max_position_embeddings=32,
 )  # fmt: skip
 BERT = BertConfig(
-    vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
     max_position_embeddings=16, type_vocab_size=2,
 )  # fmt: skip
-GPT = GPT2Config(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=16)
+GPT = GPT2Config(vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, max_position_embeddings=16)
 VIT = ViTConfig(
-    image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_layers=2, num_heads=4,
+    image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_layers=1, num_heads=4,
     intermediate_size=64, num_labels=5,
 )  # fmt: skip
 TOKENS = 10  # rows: blocks of 3 leave a padded last block
 
 
-def _llama(scan: bool):
-    model = Llama(LLAMA, scan_layers=scan, remat=scan)
+def _llama():
+    model = Llama(LLAMA, scan_layers=True, remat=True)
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, TOKENS), 0, LLAMA.vocab_size)
     variables = model.init(jax.random.PRNGKey(0), ids)
     return (
@@ -87,8 +87,7 @@ def _vit():
 
 
 MODELS = {
-    "llama": lambda: _llama(False),
-    "llama-scan-remat": lambda: _llama(True),
+    "llama-scan-remat": _llama,
     "bert-padding-mask": _bert,
     "gpt2": _gpt2,
     "vit": _vit,
@@ -111,8 +110,8 @@ def _relevance(fn, variables, x, block, composite=C.AttnLRP):
     return np.asarray(jax.jit(jax.grad(lambda x: f(variables, x).sum()))(x))
 
 
-def _fused(fn, variables, x, block=None) -> list[AttentionUnit]:
-    comp = dataclasses.replace(C.AttnLRP(), attention_block=block)
+def _fused(fn, variables, x, block=None, composite=C.AttnLRP) -> list[AttentionUnit]:
+    comp = dataclasses.replace(composite(), attention_block=block)
     plan = dtd.trace_plan(_score(fn), comp, (variables, x))
     units = list(plan.units)
     for unit in plan.units:  # a scan's body is a plan of its own
@@ -126,17 +125,16 @@ def test_blocked_relevance_equals_unit_by_unit(name):
     fn, variables, x = MODELS[name]()
     reference = _relevance(fn, variables, x, 0)
     assert not _fused(fn, variables, x, 0)
-    fused = _fused(fn, variables, x, 3)
-    assert len(fused) == (1 if name == "llama-scan-remat" else 2)  # one core per layer (scan: one body)
-    assert {u.block for u in fused} == {3} and all(u.row_axis is not None for u in fused)
+    (fused,) = _fused(fn, variables, x, 3)  # one core (one layer; the scan: one body)
+    assert fused.block == 3 and fused.row_axis is not None
     scale = np.abs(reference).max()
     assert scale > 0
-    for block in (None, 5, 3, 1):  # one block, 2 blocks, 4 with padding, one row each
+    for block in (None, 3):  # one block; 4 blocks of 3 rows, the last padded
         np.testing.assert_allclose(_relevance(fn, variables, x, block), reference, atol=2e-6 * scale, rtol=0)
 
 
 def test_blocked_relevance_under_vmap_over_targets():
-    fn, variables, x = _llama(True)
+    fn, variables, x = _llama()
     basis = jnp.eye(LLAMA.vocab_size)[:4]
     out = {}
     for block in (0, 3):
@@ -153,9 +151,9 @@ def test_blocked_relevance_under_vmap_over_targets():
 
 
 def test_cplrp_leaves_no_core_to_fuse_and_is_unchanged():
-    fn, variables, x = _llama(False)
-    plan = dtd.trace_plan(_score(fn), dataclasses.replace(C.CPLRP(), attention_block=3), (variables, x))
-    assert not [u for u in plan.units if isinstance(u, AttentionUnit)]  # the softmax output is a constant
+    fn, variables, x = _llama()
+    assert _fused(fn, variables, x, 3)
+    assert not _fused(fn, variables, x, 3, C.CPLRP)  # the softmax output is a constant: no core
     np.testing.assert_array_equal(
         _relevance(fn, variables, x, 3, C.CPLRP), _relevance(fn, variables, x, 0, C.CPLRP)
     )
@@ -199,6 +197,34 @@ def test_weights_that_are_also_an_output_or_tapped_are_not_fused():
     np.testing.assert_array_equal(tapped[2][1][name], tapped[0][1][name])
     for a, b in zip(tapped[2][0], tapped[0][0], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _bfloat16_attention(q, k, v, mask):
+    """As the Llama of jaxdtd.models (and HF): bfloat16 products, the softmax in float32."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0 + mask
+    a = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(jnp.bfloat16)
+    return jnp.einsum("bhqk,bkhd->bqhd", a, v)
+
+
+def test_bfloat16_blocks_sum_in_float32_and_match_the_units():
+    (q, k, v), mask = _qkv(12)
+    t = tuple(a.astype(jnp.bfloat16) for a in (q, k, v))
+    mask = jnp.where(mask == 0, 0.0, jnp.finfo(jnp.bfloat16).min).astype(jnp.bfloat16)
+    out = {}
+    for block in (0, 5):
+        c = dataclasses.replace(C.AttnLRP(), attention_block=block)
+        f = dtd.transform(lambda _, t: _bfloat16_attention(*t, mask)[:, -4:].sum(), c)
+        assert _fused_in(lambda _, t: _bfloat16_attention(*t, mask)[:, -4:].sum(), c, t) == (block != 0)
+        out[block] = jax.jit(jax.grad(lambda t, f=f: f(None, t).astype(jnp.float32)))(t)
+    for blocked, units in zip(out[5], out[0], strict=True):
+        assert blocked.dtype == jnp.bfloat16
+        blocked, units = np.asarray(blocked, np.float32), np.asarray(units, np.float32)
+        assert np.isfinite(units).all() and np.abs(units).max() > 0
+        np.testing.assert_allclose(blocked, units, atol=2e-2 * np.abs(units).max(), rtol=0)
+
+
+def _fused_in(fn, composite, t) -> bool:
+    return any(isinstance(u, AttentionUnit) for u in dtd.trace_plan(fn, composite, (None, t)).units)
 
 
 def test_blocked_relevance_needs_less_memory_than_the_gradient():

@@ -174,8 +174,8 @@ def test_cnn_gamma_equal_and_cheaper(monkeypatch):
 def test_resnet_block_output_conv_keeps_both_groups(monkeypatch):
     from jaxdtd.models import classic
 
-    model = classic.ResNet18(num_classes=4)
-    x = jax.random.uniform(KEY, (2, 32, 32, 3))
+    model = classic.ResNet18(num_classes=4, width=8)  # the structure of the real one, 1/8 of the channels
+    x = jax.random.uniform(KEY, (2, 16, 16, 3))
     variables = model.init(jax.random.PRNGKey(3), x)
     composite = C.EpsilonGammaBox(0.0, 1.0)
     plan = dtd.trace_plan(model.apply, composite, (variables, x))
