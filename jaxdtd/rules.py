@@ -455,7 +455,8 @@ class Pass(OperationRule):
 @dataclasses.dataclass(frozen=True)
 class Norm(OperationRule):
     """Norm: relevance in proportion to contribution, for sums of data values and average pooling:
-    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``, the division in at least float32.
+    ``R_i = x_i sum_j (d f_j / d x_i) R_j / stab(f_j(x))``, the division in at least float32, and
+    ``R_i = 0`` exactly where the sum is 0 (also for an infinite ``x_i``: a ``-inf`` attention mask).
     On an affine layer it is ``Epsilon(stabilizer)``."""
 
     stabilizer: float = 1e-6
@@ -472,7 +473,9 @@ class Norm(OperationRule):
         s = safe_divide(relevance.astype(compute), stabilize(output.astype(compute), self.stabilizer))
         _, pullback = jax.vjp(f, *inputs)
         grads = pullback(s.astype(output.dtype))
-        return tuple((x * g).astype(x.dtype) for x, g in zip(inputs, grads, strict=True))
+        # an input that receives nothing gets exactly 0, also where it is infinite (a -inf mask
+        # added before a softmax: x = -inf, x * 0 would be NaN)
+        return tuple(jnp.where(g == 0, 0, x * g).astype(x.dtype) for x, g in zip(inputs, grads, strict=True))
 
     def for_affine_layer(self) -> AffineRule:
         return Epsilon(self.stabilizer)

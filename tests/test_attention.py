@@ -128,11 +128,17 @@ def test_softmax_rule(form, custom_jvp):
     np.testing.assert_allclose(relevance, _softmax_reference(x, ct), rtol=1e-5, atol=1e-7)
 
 
-def test_masked_softmax_entries_get_exactly_zero_and_no_nan():
+@pytest.mark.parametrize("form", ["finfo.min added", "-inf added", "where -inf"])
+def test_masked_softmax_entries_get_exactly_zero_and_no_nan(form):
     x = jnp.array([[1.0, 2.0, -0.5, 3.0]])
-    mask = jnp.array([[0.0, 0.0, MIN, 0.0]])
+    fill = MIN if form == "finfo.min added" else -jnp.inf
+    mask = jnp.array([[0.0, 0.0, fill, 0.0]])
     ct = jnp.array([[0.0, 1.0, 1.0, 0.0]])
-    relevance = _relevance(lambda x: jax.nn.softmax(x + mask), x, C.AttnLRP(), ct)
+    if form == "where -inf":
+        keep = jnp.array([[True, True, False, True]])
+        relevance = _relevance(lambda x: jax.nn.softmax(jnp.where(keep, x, -jnp.inf)), x, C.AttnLRP(), ct)
+    else:
+        relevance = _relevance(lambda x: jax.nn.softmax(x + mask), x, C.AttnLRP(), ct)
     assert relevance[0, 2] == 0.0 and np.isfinite(relevance).all()
     # the mask addend absorbs nothing elsewhere: R_x = x (R_A - A sum R_A) on the kept entries
     kept = _softmax_reference(x, ct, np.asarray(mask))
