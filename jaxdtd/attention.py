@@ -45,7 +45,16 @@ from . import rules as R
 from .graph import Analysis
 from .primitives import lookup
 from .trace import Constant, Equation
-from .units import Bind, IslandUnit, OperationUnit, Unit, with_relevance_vjp, zero_cotangent
+from .units import (
+    Bind,
+    IslandUnit,
+    OperationUnit,
+    Unit,
+    external_inputs,
+    run_equations,
+    with_relevance_vjp,
+    zero_cotangent,
+)
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "AttentionUnit", "fuse_attention"]
 
@@ -101,27 +110,13 @@ class AttentionUnit(Unit):
     def outputs(self) -> tuple[int, ...]:
         return self.values.outputs()
 
-    def _external(self) -> tuple[int, ...]:
-        equations = self.equations()
-        defined = {v for eqn in equations for v in eqn.outvars}
-        seen: dict[int, None] = {}
-        for eqn in equations:
-            for a in eqn.invars:
-                if not isinstance(a, Constant) and a not in defined:
-                    seen[a] = None
-        return tuple(seen)
-
     def evaluate(self, read) -> list[Any]:
-        external = self._external()
         equations = self.equations()
+        external = external_inputs(equations)
         (output,) = self.outputs()
 
         def forward(args):
-            env = dict(zip(external, args, strict=True))
-            for eqn in equations:
-                values = [a.value if isinstance(a, Constant) else env[a] for a in eqn.invars]
-                env.update(zip(eqn.outvars, eqn.bind(values), strict=True))
-            return env[output]
+            return run_equations(equations, dict(zip(external, args, strict=True)))[output]
 
         def backward(args, out, relevance):
             (inputs,) = args
@@ -272,11 +267,7 @@ def _steps(steps: Sequence[_Step], value: Any, read):
     for step in steps:
 
         def f(x, step=step):
-            env = {step.input: x}
-            for eqn in step.equations:
-                values = [env[a] if not isinstance(a, Constant) and a in env else read(a) for a in eqn.invars]
-                env.update(zip(eqn.outvars, eqn.bind(values), strict=True))
-            return env[step.output]
+            return run_equations(step.equations, {step.input: x}, read)[step.output]
 
         out = f(value)
         saved.append((step, f, value, out))
@@ -297,34 +288,27 @@ def _steps(steps: Sequence[_Step], value: Any, read):
 _ROW_SAFE_RULES = (R.Pass, R.Norm, R.Uniform, R.Gradient)
 
 
-def _free_axes(ndim: int, contract: Sequence[int], batch: Sequence[int]) -> list[int]:
-    return [a for a in range(ndim) if a not in contract and a not in batch]
+def _output_axes(eqn: Equation) -> list[tuple[int, int] | None]:
+    """For each output axis of a ``dot_general``, ``(operand position, operand axis)`` of the free
+    axis it comes from (``None``: a batch axis)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    free = [
+        [a for a in range(len(aval.shape)) if a not in contract and a not in batch]
+        for aval, contract, batch in zip(eqn.in_avals, (lc, rc), (lb, rb), strict=True)
+    ]
+    return [None] * len(lb) + [(0, a) for a in free[0]] + [(1, a) for a in free[1]]
 
 
 def _output_axis_of(eqn: Equation, position: int, axis: int) -> int | None:
     """Where ``axis`` of operand ``position`` of a ``dot_general`` lands in its output (``None``:
     contracted or a batch axis)."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    ndims = [len(eqn.in_avals[0].shape), len(eqn.in_avals[1].shape)]
-    lfree, rfree = _free_axes(ndims[0], lc, lb), _free_axes(ndims[1], rc, rb)
-    free = (lfree, rfree)[position]
-    if axis not in free:
-        return None
-    offset = len(lb) + (0 if position == 0 else len(lfree))
-    return offset + free.index(axis)
+    axes = _output_axes(eqn)
+    return axes.index((position, axis)) if (position, axis) in axes else None
 
 
 def _operand_axis_of(eqn: Equation, out_axis: int) -> tuple[int, int] | None:
     """``(operand position, operand axis)`` of a free output axis of a ``dot_general``."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    ndims = [len(eqn.in_avals[0].shape), len(eqn.in_avals[1].shape)]
-    lfree, rfree = _free_axes(ndims[0], lc, lb), _free_axes(ndims[1], rc, rb)
-    k = out_axis - len(lb)
-    if k < 0:
-        return None
-    if k < len(lfree):
-        return 0, lfree[k]
-    return 1, rfree[k - len(lfree)]
+    return _output_axes(eqn)[out_axis]
 
 
 def _step_of(unit: Unit, analysis: Analysis, shape: tuple[int, ...]) -> _Step | None:
@@ -378,7 +362,7 @@ def fuse_attention(
     fused_at: dict[int, AttentionUnit] = {}  # id of the second product's unit -> fused unit
     removed: set[int] = set()
     for softmax in units:
-        if not isinstance(softmax, IslandUnit) or softmax.kind != "softmax" or softmax._external():
+        if not isinstance(softmax, IslandUnit) or softmax.kind != "softmax" or softmax.external():
             continue
         if not isinstance(softmax.rule, _ROW_SAFE_RULES):
             continue

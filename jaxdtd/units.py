@@ -42,7 +42,9 @@ __all__ = [
     "LayerUnit",
     "OperationUnit",
     "Unit",
+    "external_inputs",
     "find_islands",
+    "run_equations",
     "with_relevance_vjp",
 ]
 
@@ -59,6 +61,31 @@ def zero_cotangent(value: Any) -> Any:
 
 def _zeros_like_tree(tree: Any) -> Any:
     return jax.tree_util.tree_map(zero_cotangent, tree)
+
+
+def external_inputs(equations: Sequence[Equation], exclude: Iterable[Any] = ()) -> tuple[Any, ...]:
+    """The variables ``equations`` read but do not define (nor ``exclude``), in order of first use."""
+    defined = {v for eqn in equations for v in eqn.outvars} | set(exclude)
+    seen: dict[Any, None] = {}
+    for eqn in equations:
+        for a in eqn.invars:
+            if not isinstance(a, Constant) and a not in defined:
+                seen[a] = None
+    return tuple(seen)
+
+
+def run_equations(
+    equations: Sequence[Equation], env: dict[Any, Any], read: Read | None = None
+) -> dict[Any, Any]:
+    """Bind ``equations`` in order, adding their results to ``env`` (returned).  An operand is read
+    from ``env`` when it is there, else with ``read`` (default: a :class:`Constant`'s value)."""
+    for eqn in equations:
+        values = [
+            env[a] if not isinstance(a, Constant) and a in env else (read(a) if read else a.value)
+            for a in eqn.invars
+        ]
+        env.update(zip(eqn.outvars, eqn.bind(values), strict=True))
+    return env
 
 
 def with_relevance_vjp(forward: Callable, backward: Callable) -> Callable:
@@ -280,27 +307,18 @@ class IslandUnit(Unit):
     def outputs(self) -> tuple[int, ...]:
         return (self.output,)
 
-    def _external(self) -> tuple[Any, ...]:
+    def external(self) -> tuple[Any, ...]:
         """Operands read from outside the island other than its input (constants for the rule)."""
-        defined = {v for eqn in self.members for v in eqn.outvars}
-        seen: dict[Any, None] = {}
-        for eqn in self.members:
-            for a in eqn.invars:
-                if not isinstance(a, Constant) and a not in defined and a != self.input:
-                    seen[a] = None
-        return tuple(seen)
+        return external_inputs(self.members, exclude=(self.input,))
 
     def evaluate(self, read: Read) -> list[Any]:
-        external = self._external()
+        external = self.external()
 
         def f(data_values, others):
             (x,) = data_values
             env = dict(zip(external, others, strict=True))
             env[self.input] = x
-            for eqn in self.members:
-                values = [a.value if isinstance(a, Constant) else env[a] for a in eqn.invars]
-                env.update(zip(eqn.outvars, eqn.bind(values), strict=True))
-            return env[self.output]
+            return run_equations(self.members, env)[self.output]
 
         others = tuple(jnp.asarray(read(a)) for a in external)
         return [_operation_vjp(self.rule, f, [read(self.input)], others)]

@@ -46,38 +46,30 @@ VIT = ViTConfig(
 TOKENS = 10  # rows: blocks of 3 leave a padded last block
 
 
-def _llama():
-    model = Llama(LLAMA, scan_layers=True, remat=True)
-    ids = jax.random.randint(jax.random.PRNGKey(1), (2, TOKENS), 0, LLAMA.vocab_size)
+def _text_model(model, vocab_size: int, *extra):
+    """``(fn, variables, E)``: ``fn(v, E)`` runs ``model`` from the embeddings ``E`` of random ids
+    (``extra``: further arguments of ``from_embeddings``, e.g. a padding mask)."""
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, TOKENS), 0, vocab_size)
     variables = model.init(jax.random.PRNGKey(0), ids)
+    cls = type(model)
     return (
-        (lambda v, e: model.apply(v, e, method=Llama.from_embeddings)),
+        (lambda v, e: model.apply(v, e, *extra, method=cls.from_embeddings)),
         variables,
-        model.apply(variables, ids, method=Llama.embed),
+        model.apply(variables, ids, method=cls.embed),
     )
+
+
+def _llama():
+    return _text_model(Llama(LLAMA, scan_layers=True, remat=True), LLAMA.vocab_size)
 
 
 def _bert():
-    model = Bert(BERT)
-    ids = jax.random.randint(jax.random.PRNGKey(1), (2, TOKENS), 0, BERT.vocab_size)
     mask = jnp.ones((2, TOKENS), jnp.int32).at[1, 7:].set(0)  # the second sentence is padded
-    variables = model.init(jax.random.PRNGKey(0), ids)
-    return (
-        (lambda v, e: model.apply(v, e, mask, method=Bert.from_embeddings)),
-        variables,
-        model.apply(variables, ids, method=Bert.embed),
-    )
+    return _text_model(Bert(BERT), BERT.vocab_size, mask)
 
 
 def _gpt2():
-    model = GPT2(GPT)
-    ids = jax.random.randint(jax.random.PRNGKey(1), (2, TOKENS), 0, GPT.vocab_size)
-    variables = model.init(jax.random.PRNGKey(0), ids)
-    return (
-        (lambda v, e: model.apply(v, e, method=GPT2.from_embeddings)),
-        variables,
-        model.apply(variables, ids, method=GPT2.embed),
-    )
+    return _text_model(GPT2(GPT), GPT.vocab_size)
 
 
 def _vit():
