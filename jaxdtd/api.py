@@ -68,8 +68,9 @@ def _signature(leaves: Sequence[Any]) -> tuple:
 
 
 def flat_inputs(args: tuple, resolved: tuple[int, ...]) -> list[Any]:
-    """The flat argument leaves, explained ones checked to be floating point, the others (weights)
-    wrapped in ``stop_gradient`` so that their cotangent is zero."""
+    """The flat argument leaves, explained ones checked to be floating point.  The others (weights)
+    are constants of the rules: :func:`jaxdtd.interpret.evaluate` gives them a zero cotangent in the
+    relevance pass and keeps their true derivative for any enclosing differentiation."""
     leaves = []
     for i, arg in enumerate(args):
         for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
@@ -84,7 +85,7 @@ def flat_inputs(args: tuple, resolved: tuple[int, ...]) -> list[Any]:
                     )
                 leaves.append(leaf)
             else:
-                leaves.append(jax.lax.stop_gradient(leaf))
+                leaves.append(leaf)
     return leaves
 
 
@@ -464,7 +465,10 @@ def transform(
 
     is the heatmap of class ``c``, with ``R.sum() == f(variables, x)[:, c].sum()`` for conservative
     composites.  The VJP with respect to arguments *not* in ``argnums`` (the weights) is zero: they
-    are constants of the rules.
+    are constants of the rules.  The relevance itself is a differentiable function of the weights
+    and the input: ``jax.grad(lambda w: loss(R(w, x)))`` is the true derivative of the heatmap
+    (second order through the rules, e.g. for explanation-guided training), see
+    :func:`jaxdtd.units.constant_for_relevance`.
 
     ``composite`` is a :class:`~jaxdtd.composites.Composite`, a single rule (that rule on every dense
     and conv layer) or ``None`` (``fn`` itself: the plain gradient).  ``argnums`` is an int or a
@@ -592,12 +596,13 @@ def explain(
     f = _transform_for(fn, composite, argnums)
     leaves = jax.tree_util.tree_leaves(tuple(args[n] for n in nums))
     concrete = bool(leaves) and not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
-    if concrete:
-        if check_finite is not False:
-            check_finite_inputs(args, nums)
-        entry = f.plan_for(*args)
-        if entry is not None:
-            warn_outside_box(*entry)
+    if concrete:  # concrete inputs, also inside a jit of a function that closes over them
+        with jax.ensure_compile_time_eval():
+            if check_finite is not False:
+                check_finite_inputs(args, nums)
+            entry = f.plan_for(*args)
+            if entry is not None:
+                warn_outside_box(*entry)
     elif check_finite:
         _checkify_finite(args, nums)
 

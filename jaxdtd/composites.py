@@ -18,7 +18,9 @@ primitive name (``"tanh"``, ``"reduce_window_max"``) to a :class:`~jaxdtd.rules.
 jaxdtd does not know.
 
 ``cuts`` are patterns of values that are constants for the rules (as if detached with
-``jax.lax.stop_gradient``, without editing the model; the forward is unchanged): ``"glob"`` cuts the
+``jax.lax.stop_gradient`` in the relevance pass only, without editing the model; the forward is
+unchanged, and a derivative of the relevance itself still sees how the cut value depends on the
+weights and the input): ``"glob"`` cuts the
 output of every matching layer (module or weight path) or module, ``"glob:primitive"`` the results
 of that primitive under matching modules (see :func:`jaxdtd.interpret.select_values`).  Relevance
 does not flow through a cut value, and what only a cut value feeds needs no rule.

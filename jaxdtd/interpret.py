@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import rules as R
@@ -28,7 +29,7 @@ from .graph import AffineLayer, Analysis, ChainOp, analyse, chain_op, consumers_
 from .primitives import Context, Unsupported, canonical_name, lookup
 from .recognize import find_gates, find_softmax, find_statistics
 from .trace import Constant, Equation, Program, flatten
-from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, find_islands
+from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, constant_for_relevance, find_islands
 from .vanishing import layers_with_vanishing_negative_relevance
 
 __all__ = [
@@ -467,7 +468,7 @@ class ScanUnit(Unit):
         )
 
         def step(carry, x):
-            outs = evaluate(self.body, [*consts, *carry, *x], explained_outputs=False)
+            outs = evaluate(self.body, [*consts, *carry, *x], explained_outputs=False, hold_constants=False)
             return outs[:n_carry], outs[n_carry:]
 
         if self.remat is not None:
@@ -541,6 +542,7 @@ def evaluate(
     value_probes: dict[int, Any] | None = None,
     *,
     explained_outputs: bool = True,
+    hold_constants: bool = True,
 ) -> list[Any]:
     """Evaluate the plan on the flat argument leaves; returns the flat outputs.
 
@@ -549,8 +551,15 @@ def evaluate(
     relevance leaving and entering the layer (see :func:`jaxdtd.inspect.ledger`).
     ``value_probes`` maps variables to zeros added where the variable is defined: their cotangents
     are the relevance arriving at those values (taps and seeds).  With ``explained_outputs=False``
-    (a scan's body) the outputs pass relevance through instead of starting it (``y * ct``)."""
+    (a scan's body) the outputs pass relevance through instead of starting it (``y * ct``).
+
+    With ``hold_constants`` (the default; a scan's body has it off) the floating-point leaves that
+    are not explained, the weights, pass through :func:`constant_for_relevance`: their cotangent in
+    the relevance pass is zero, as a constant of the rules, while the relevance stays a
+    differentiable function of them."""
     program, analysis = the_plan.program, the_plan.analysis
+    if hold_constants:
+        leaves = _hold_constants(program, analysis, leaves, probes, value_probes)
     env: dict[int, Any] = dict(zip(program.invars, leaves, strict=True))
     value_probes = value_probes or {}
     for v in program.invars:
@@ -577,6 +586,30 @@ def evaluate(
             value = initial_relevance(value)
         results.append(value)
     return results
+
+
+def _hold_constants(
+    program: Program,
+    analysis: Analysis,
+    leaves: Sequence[Any],
+    probes: Sequence[Any] | None,
+    value_probes: dict[int, Any] | None,
+) -> list[Any]:
+    """``leaves`` with every floating-point leaf that is not explained passed through
+    :func:`constant_for_relevance`, anchored to one element of the values the relevance pass
+    differentiates (an explained leaf, else a seed or tap probe, else a layer probe)."""
+    anchors = [leaf for v, leaf in zip(program.invars, leaves, strict=True) if analysis.is_data(v)]
+    anchors += list((value_probes or {}).values()) + [p for pair in (probes or ()) for p in pair]
+    anchors = [a for a in anchors if jnp.size(a) > 0]
+    if not anchors:
+        return list(leaves)
+    anchor = jnp.ravel(anchors[0])[0]
+    return [
+        constant_for_relevance(leaf, anchor)
+        if not analysis.is_data(v) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+        else leaf
+        for v, leaf in zip(program.invars, leaves, strict=True)
+    ]
 
 
 @jax.custom_vjp

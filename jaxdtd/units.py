@@ -5,7 +5,8 @@ placed at the position of its last equation.  Each unit knows the equations it c
 it defines, and evaluates itself with one method, ``evaluate(read) -> {variable: value}``:
 
 * :class:`Bind`: an equation evaluated as it is (constants, operations whose relevance is their
-  gradient, data no relevance can reach); a cut equation is evaluated with ``stop_gradient``.
+  gradient, data no relevance can reach); a cut equation's results are constants of the rules
+  (:func:`constant_for_relevance`).
 * :class:`LayerUnit`: an affine layer ``z = A(x) + b`` (:class:`jaxdtd.graph.AffineLayer`) with its
   rule as the VJP (:func:`jaxdtd.rules.affine_relevance`), BatchNorm-style scales folded.
 * :class:`OperationUnit`: a parameter-free operation on data under an
@@ -45,6 +46,7 @@ __all__ = [
     "external_inputs",
     "find_islands",
     "run_equations",
+    "constant_for_relevance",
     "with_relevance_vjp",
 ]
 
@@ -107,6 +109,33 @@ def with_relevance_vjp(forward: Callable, backward: Callable) -> Callable:
     return function
 
 
+@jax.custom_vjp
+def constant_for_relevance(value: Any, anchor: Any) -> Any:
+    """``value``; its VJP is zero (for ``value`` and for ``anchor``).
+
+    The weights are constants of the rules, so the relevance pass gives them no cotangent; a cut
+    value (``Composite.cuts``, LayerNorm's standard deviation) is one as well.  Unlike
+    ``stop_gradient``, which cuts every level of differentiation, a custom VJP acts only in the
+    differentiation that processes it, and JAX evaluates ``fwd`` (the identity) for the enclosing
+    ones.  The ``anchor``, an element of the explained input (for a cut, the value itself), makes
+    the relevance pass the one that processes it (a custom VJP whose operands all have zero
+    tangents is handed to the enclosing differentiation).  Hence the relevance ``R(w, x)`` is a
+    differentiable function of the weights: ``jax.grad(lambda w: loss(R(w, x)))`` is its true
+    derivative, also through cut values."""
+    return value
+
+
+def _constant_fwd(value: Any, anchor: Any) -> tuple[Any, None]:
+    return value, None
+
+
+def _constant_bwd(_: None, ct: Any) -> tuple[None, None]:
+    return None, None
+
+
+constant_for_relevance.defvjp(_constant_fwd, _constant_bwd)
+
+
 def apply_chain_op(op: ChainOp, z: Any, c: Any) -> Any:
     """``z (op) c`` for a constant-operand op, or the rearrangement ``view(z)``."""
     if op.op == "view":
@@ -122,6 +151,18 @@ def chain_value(op: ChainOp, read: Read) -> Any:
 
 
 @custom_vmap
+def _after_unbatched(value: Any, anchor: Any) -> Any:
+    first = jax.lax.stop_gradient(anchor.reshape(-1)[0])
+    zero = jnp.where(jnp.isfinite(first), first, 0).astype(value.dtype) * 0
+    return value + zero
+
+
+@_after_unbatched.def_vmap
+def _after_vmap(axis_size: int, in_batched: Sequence[bool], value: Any, anchor: Any) -> tuple[Any, bool]:
+    return _after_unbatched(value, anchor), in_batched[0]
+
+
+@jax.custom_jvp
 def _after(value: Any, anchor: Any) -> Any:
     """``value``, made to depend on one element of ``anchor`` (it adds an exact zero).
 
@@ -130,16 +171,17 @@ def _after(value: Any, anchor: Any) -> Any:
     would be alive at once; it drops ``optimization_barrier``.  Tying the weights to the incoming
     relevance makes each layer's modified weights exist only while its backward runs.  Under
     ``vmap`` the anchor is batched but ``value`` must not become batched (that would turn every
-    convolution into a grouped one): the batching rule below keeps ``value``'s own batching.
+    convolution into a grouped one): the batching rule of :func:`_after_unbatched` keeps
+    ``value``'s own batching.  Its derivative is the identity in ``value`` (and zero in ``anchor``),
+    so that the relevance can itself be differentiated (``jax.grad`` of a loss on the heatmap).
     """
-    first = jax.lax.stop_gradient(anchor.reshape(-1)[0])
-    zero = jnp.where(jnp.isfinite(first), first, 0).astype(value.dtype) * 0
-    return value + zero
+    return _after_unbatched(value, anchor)
 
 
-@_after.def_vmap
-def _after_vmap(axis_size: int, in_batched: Sequence[bool], value: Any, anchor: Any) -> tuple[Any, bool]:
-    return _after(value, anchor), in_batched[0]
+@_after.defjvp
+def _after_jvp(primals: tuple[Any, Any], tangents: tuple[Any, Any]) -> tuple[Any, Any]:
+    value, anchor = primals
+    return _after(value, anchor), tangents[0]
 
 
 # --- units ----------------------------------------------------------------------------------------
@@ -170,7 +212,7 @@ class Bind(Unit):
 
     def evaluate(self, read: Read) -> list[Any]:
         outs = self.equation.bind([read(a) for a in self.equation.invars])
-        return [jax.lax.stop_gradient(o) for o in outs] if self.cut else outs
+        return [constant_for_relevance(o, o) for o in outs] if self.cut else outs
 
 
 @dataclasses.dataclass(frozen=True)
