@@ -5,7 +5,7 @@ propagation (Montavon et al., "Explaining NonLinear Classification Decisions wit
 Decomposition", Pattern Recognition 2017), so ``jax.grad`` of a class score is its heatmap.
 """
 
-from . import composites, rules
+from . import composites, crp, rules
 from .api import explain, from_nnx, trace_plan, transform
 from .composites import Composite
 from .dataset import explain_dataset, sharded_explain
@@ -18,6 +18,7 @@ __all__ = [
     "Composite",
     "UnsupportedOperationError",
     "composites",
+    "crp",
     "describe",
     "ledger",
     "explain",

@@ -18,7 +18,7 @@ from . import composites as C
 from . import rules as R
 from .graph import analyse
 from .interpret import Plan, cuts_for, evaluate, plan, select_values
-from .trace import trace
+from .trace import Program, trace
 
 __all__ = ["explain", "from_nnx", "transform", "trace_plan"]
 
@@ -413,11 +413,17 @@ def _build_plan(
     nums: tuple[int, ...],
     taps: Sequence[str] = (),
     seeds: Sequence[str] = (),
+    start: str | None = None,
 ) -> Plan:
     """Trace, analyse and plan ``fn(*args)``; with ``seeds`` no argument is explained: relevance is
-    delivered at the seed values (see :func:`explain`)."""
+    delivered at the seed values (see :func:`explain`).  With ``start`` (a pattern choosing one
+    value, as for taps) the program's output is that intermediate value: relevance starts there
+    (concept reference heatmaps, :func:`jaxdtd.crp.attribute`)."""
     with_path, _ = jax.tree_util.tree_flatten_with_path(args)
     program, out_tree = trace(fn, args)
+    if start is not None:
+        program = _output_at(program, args, nums, start)
+        out_tree = jax.tree_util.tree_structure(0)
     explained = set()
     leaf_names = {}
     for var, (path, _leaf) in zip(program.invars, with_path, strict=True):
@@ -446,6 +452,22 @@ def _build_plan(
             stacklevel=3,
         )
     return dataclasses.replace(result, out_tree=out_tree)
+
+
+def _output_at(program: Program, args: tuple, nums: tuple[int, ...], pattern: str) -> Program:
+    """``program`` with the one value chosen by ``pattern`` as its only output."""
+    with_path, _ = jax.tree_util.tree_flatten_with_path(args)
+    explained = {v for v, (path, _) in zip(program.invars, with_path, strict=True) if path[0].idx in nums}
+    layers = analyse(program, explained, {}).layers
+    found = select_values(program, layers, [pattern], "start")
+    if len(found) != 1:
+        raise ValueError(
+            f"start {pattern!r} must choose one value, it chooses {len(found)}: {[name for name, _ in found]}"
+        )
+    ((_, v),) = found
+    avals = {o: a for eqn in program.equations for o, a in zip(eqn.outvars, eqn.out_avals, strict=True)}
+    aval = avals[v]
+    return dataclasses.replace(program, outvars=(v,), out_avals=(aval,))
 
 
 def transform(

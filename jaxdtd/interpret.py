@@ -29,7 +29,16 @@ from .graph import AffineLayer, Analysis, ChainOp, analyse, chain_op, consumers_
 from .primitives import Context, Unsupported, canonical_name, lookup
 from .recognize import find_gates, find_softmax, find_statistics
 from .trace import Constant, Equation, Program, flatten
-from .units import Bind, IslandUnit, LayerUnit, OperationUnit, Unit, constant_for_relevance, find_islands
+from .units import (
+    Bind,
+    IslandUnit,
+    LayerUnit,
+    OperationUnit,
+    Unit,
+    constant_for_relevance,
+    find_islands,
+    masked_relevance,
+)
 from .vanishing import layers_with_vanishing_negative_relevance
 
 __all__ = [
@@ -543,15 +552,21 @@ def evaluate(
     *,
     explained_outputs: bool = True,
     hold_constants: bool = True,
-) -> list[Any]:
+    value_masks: dict[int, Any] | None = None,
+    record: Sequence[int] | None = None,
+) -> list[Any] | tuple[list[Any], list[Any]]:
     """Evaluate the plan on the flat argument leaves; returns the flat outputs.
 
     ``probes``, one ``(input_probe, output_probe)`` pair of zeros per affine layer, are added to
     each layer's input (as that layer reads it) and output: the cotangents of the probes are the
     relevance leaving and entering the layer (see :func:`jaxdtd.inspect.ledger`).
     ``value_probes`` maps variables to zeros added where the variable is defined: their cotangents
-    are the relevance arriving at those values (taps and seeds).  With ``explained_outputs=False``
-    (a scan's body) the outputs pass relevance through instead of starting it (``y * ct``).
+    are the relevance arriving at those values (taps and seeds).  ``value_masks`` maps variables
+    to masks that multiply the relevance arriving there (:func:`jaxdtd.units.masked_relevance`;
+    concept conditions), after a probe at the same variable, so that the probe reads the masked
+    relevance.  With ``record`` (a sequence) the values of those variables are returned too, as
+    ``(outputs, values)``.  With ``explained_outputs=False`` (a scan's body) the outputs pass
+    relevance through instead of starting it (``y * ct``).
 
     With ``hold_constants`` (the default; a scan's body has it off) the floating-point leaves that
     are not explained, the weights, pass through :func:`constant_for_relevance`: their cotangent in
@@ -562,9 +577,17 @@ def evaluate(
         leaves = _hold_constants(program, analysis, leaves, probes, value_probes)
     env: dict[int, Any] = dict(zip(program.invars, leaves, strict=True))
     value_probes = value_probes or {}
-    for v in program.invars:
+    value_masks = value_masks or {}
+
+    def define(v: Any, value: Any) -> Any:
         if v in value_probes:
-            env[v] = env[v] + value_probes[v]
+            value = value + value_probes[v]
+        if v in value_masks:
+            value = masked_relevance(value, value_masks[v])
+        return value
+
+    for v in program.invars:
+        env[v] = define(v, env[v])
 
     def read(atom: Any) -> Any:
         return atom.value if isinstance(atom, Constant) else env[atom]
@@ -577,7 +600,7 @@ def evaluate(
         else:
             outs = unit.evaluate(read)
         for v, value in zip(unit.outputs(), outs, strict=True):
-            env[v] = value + value_probes[v] if v in value_probes else value
+            env[v] = define(v, value)
 
     results = []
     for atom in program.outvars:
@@ -585,6 +608,8 @@ def evaluate(
         if explained_outputs and analysis.is_data(atom):
             value = initial_relevance(value)
         results.append(value)
+    if record is not None:
+        return results, [read(v) for v in record]
     return results
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "find_islands",
     "run_equations",
     "constant_for_relevance",
+    "masked_relevance",
     "with_relevance_vjp",
 ]
 
@@ -134,6 +135,25 @@ def _constant_bwd(_: None, ct: Any) -> tuple[None, None]:
 
 
 constant_for_relevance.defvjp(_constant_fwd, _constant_bwd)
+
+
+@jax.custom_vjp
+def masked_relevance(value: Any, mask: Any) -> Any:
+    """``value``; its VJP multiplies the incoming relevance by ``mask`` (broadcast against
+    ``value``): ``R <- R * mask``, zero for the mask.  This is how a concept condition selects the
+    relevance of some channels or neurons (zennit-crp masks the gradient at the module's output)."""
+    return value
+
+
+def _masked_fwd(value: Any, mask: Any) -> tuple[Any, Any]:
+    return value, mask
+
+
+def _masked_bwd(mask: Any, ct: Any) -> tuple[Any, None]:
+    return (ct * mask.astype(ct.dtype), None)
+
+
+masked_relevance.defvjp(_masked_fwd, _masked_bwd)
 
 
 def apply_chain_op(op: ChainOp, z: Any, c: Any) -> Any:

@@ -1,0 +1,452 @@
+"""Concept relevance propagation (CRP; Achtibat et al., "From attribution maps to human-understandable
+explanations through Concept Relevance Propagation", Nature Machine Intelligence 2023).
+
+A *concept* is a channel of a layer (the last axis of its output: a conv filter, a dense neuron, a
+hidden feature of a transformer).  Relevance propagation already distributes the relevance of a
+prediction over every value of the network; CRP reads it out per concept and *conditions* the
+backward pass on concepts:
+
+* the relevance of concept ``c`` of layer ``l`` is ``R_c = sum_p R_(p, c)``, the relevance arriving
+  at the layer's output summed over positions ``p`` (:func:`concept_relevance`; with ``abs_norm``
+  divided by ``sum_c |R_c| + 1e-10`` per sample, as zennit-crp);
+* a *condition* ``{"y": [k], "*/Conv_3": [c1, c2]}`` starts relevance at the output with
+  ``R = f(x) * onehot(k)`` and, on the way back, multiplies the relevance arriving at the output of
+  ``*/Conv_3`` by the mask ``theta`` that is 1 on channels ``c1, c2`` and 0 elsewhere:
+  ``R_(p, c) <- R_(p, c) theta_c``.  The input relevance then is the *conditional heatmap* of those
+  concepts: the part of the explanation that flows through them.  The masks are linear in the
+  relevance, so the heatmaps of all the channels of a layer sum to the unconditional heatmap.
+  Several layers in one condition apply all their masks.  A channel's entry may also name one
+  position ``{c: n}`` (``n`` the flat index over the layer's positions, ``n = h * W + w`` for an
+  ``(H, W, C)`` output): the relevance of that single neuron (zennit-crp's ``mask_rf``).
+* with ``start="*/Conv_3"`` the relevance starts at that layer instead of at the output: from its
+  activation, ``R = a * theta`` (the concept's reference heatmap on a sample).
+
+:func:`attribute` evaluates many conditions at once (``vmap`` over their masks; the forward pass runs
+once), :func:`top_concepts` ranks the concepts of a sample, and :func:`concept_atlas` streams a
+dataset to find, for each concept, the samples that maximise its relevance (RelMax) and its
+activation (ActMax), with :meth:`ConceptAtlas.reference_heatmaps` and :func:`crop_box` to show them.
+Everything matches zennit-crp 0.6.0 number for number (``tests/test_crp.py``), with these documented
+differences: the channel axis is the last one; a condition without ``"y"`` explains the predicted
+class; the relevance recorded at a conditioned layer is the masked relevance once (zennit-crp's
+default ``exclude_parallel=True`` returns it twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import composites as C
+from . import rules as R
+from .api import (
+    _build_plan,
+    _check_argnums,
+    _explained_mask,
+    _normalize_argnums,
+    bind_static,
+    flat_inputs,
+)
+from .interpret import Plan, evaluate, select_values
+
+__all__ = [
+    "Attribution",
+    "ConceptAtlas",
+    "Ranking",
+    "attribute",
+    "concept_atlas",
+    "concept_relevance",
+    "crop_box",
+    "top_concepts",
+]
+
+OUTPUT = "y"  # the condition key of the model output (zennit-crp's MODEL_OUTPUT_NAME)
+ABS_NORM_EPS = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+    """The result of :func:`attribute` for ``K`` conditions and a batch of ``N`` samples.
+
+    ``heatmap``: the relevance of the explained argument per condition, leading axes ``(K, N)``
+    (the structure of ``args[argnums]``).  ``relevances[layer]``: the relevance arriving at the
+    layer's output per condition ``(K, N, ...)``, after that layer's mask.  ``activations[layer]``:
+    the layer's output ``(N, ...)`` (before its activation function).  ``output``: ``fn(*args)``
+    (with ``start``: the start layer's output)."""
+
+    heatmap: Any
+    relevances: dict[str, jax.Array]
+    activations: dict[str, jax.Array]
+    output: Any
+
+    def concepts(self, layer: str, abs_norm: bool = False) -> jax.Array:
+        """The relevance of each concept of ``layer``, ``(K, N, channels)`` (:func:`concept_relevance`)."""
+        return concept_relevance(self.relevances[layer], abs_norm=abs_norm, batch_axes=2)
+
+
+def concept_relevance(relevance: jax.Array, abs_norm: bool = False, batch_axes: int = 1) -> jax.Array:
+    """``R_c = sum_p R_(p, c)``: relevance summed over every axis but the ``batch_axes`` leading ones
+    and the last (the channel).  With ``abs_norm``: ``R_c / (sum_c |R_c| + 1e-10)``."""
+    relevance = jnp.asarray(relevance)
+    axes = tuple(range(batch_axes, relevance.ndim - 1))
+    total = relevance.sum(axis=axes) if axes else relevance
+    if abs_norm:
+        total = total / (jnp.abs(total).sum(axis=-1, keepdims=True) + ABS_NORM_EPS)
+    return total
+
+
+# --- conditions -----------------------------------------------------------------------------------
+def _channel_mask(entry: Any, shape: tuple[int, ...], key: str) -> np.ndarray:
+    """The mask of one layer's condition entry for one sample of ``shape`` (channel last): a list of
+    channels, or ``{channel: position}`` for single neurons (flat position index)."""
+    channels = shape[-1]
+    positions = math.prod(shape[:-1])
+    mask = np.zeros((positions, channels), np.float32)
+    if isinstance(entry, Mapping):
+        for c, n in entry.items():
+            c, n = int(c), int(n)
+            if not 0 <= c < channels or not 0 <= n < positions:
+                raise ValueError(
+                    f"condition {key!r}: neuron {{{c}: {n}}} is outside the layer's output of shape "
+                    f"{shape} ({channels} channels, {positions} positions)"
+                )
+            mask[n, c] = 1
+    else:
+        for c in np.atleast_1d(np.asarray(entry)).tolist():
+            if not isinstance(c, int) or not 0 <= c < channels:
+                raise ValueError(
+                    f"condition {key!r}: channel {c!r} is not an index of the layer's {channels} channels"
+                )
+            mask[:, c] = 1
+    return mask.reshape(shape)
+
+
+def _output_cotangent(condition: Mapping[str, Any], y: jax.Array) -> jax.Array:
+    """The cotangent at the output for one condition: multi-hot on ``condition["y"]`` (an int, a list
+    of classes, or one class per sample), else on each sample's arg-max class."""
+    classes = y.shape[-1]
+    if OUTPUT not in condition:
+        return jax.nn.one_hot(jnp.argmax(y, axis=-1), classes, dtype=y.dtype)
+    target = condition[OUTPUT]
+    if isinstance(target, (jax.Array, np.ndarray)) and np.ndim(target) == 1 and len(target) == y.shape[0]:
+        if not jnp.issubdtype(target.dtype, jnp.integer):
+            raise TypeError(f"condition 'y': per-sample classes must be integers, got {target.dtype}")
+        return jax.nn.one_hot(target, classes, dtype=y.dtype)
+    values = np.atleast_1d(np.asarray(target)).tolist()
+    bad = [v for v in values if not isinstance(v, int) or not 0 <= v < classes]
+    if bad:
+        raise ValueError(f"condition 'y': class(es) {bad} are not in 0..{classes - 1}")
+    hot = np.zeros(classes, np.float32)
+    hot[values] = 1
+    return jnp.broadcast_to(jnp.asarray(hot, y.dtype), y.shape)
+
+
+def _one_value(the_plan: Plan, pattern: str, what: str) -> tuple[str, int]:
+    found = select_values(the_plan.program, the_plan.analysis.layers, [pattern], what)
+    if len(found) != 1:
+        raise ValueError(
+            f"{what} {pattern!r} must choose one layer or module, it chooses {len(found)}: "
+            f"{[name for name, _ in found]}"
+        )
+    return found[0]
+
+
+# --- attribution ----------------------------------------------------------------------------------
+def attribute(
+    fn: Callable,
+    *args: Any,
+    conditions: Sequence[Mapping[str, Any]],
+    composite: C.Composite | R.Rule | None = None,
+    record: Sequence[str] = (),
+    start: str | None = None,
+    argnums: int | Sequence[int] = 1,
+    batch_size: int | None = None,
+    paired: bool = False,
+) -> Attribution:
+    """Conditional relevance of ``fn(*args)`` for each of ``conditions`` (see the module docstring).
+
+    ``conditions``: dicts ``{"y": classes, layer_pattern: channels or {channel: position}, ...}``;
+    the patterns are those of taps (``"*/Conv_3"``, a module or weight path glob) and must each choose
+    one layer.  ``"y"`` is an int, a list of classes (their sum is explained) or an integer array with
+    one class per sample; without it each sample's arg-max class is explained.  ``record``: more layers
+    whose relevance and activation to return (each pattern may choose several).  ``start``: a layer
+    where relevance starts from the layer's activation instead of at the output (then no condition
+    may have ``"y"``).  ``batch_size``: evaluate that many conditions at a time (``lax.map``) to bound
+    memory; default all at once (``vmap``).  ``paired``: condition ``i`` applies to sample ``i`` only
+    (as many conditions as samples; the result has one condition axis of length 1), e.g. each
+    reference sample with its own neuron.  Pure and jit-able (the conditions are static)::
+
+        result = crp.attribute(model.apply, variables, x, composite=c,
+                               conditions=[{"y": [3], "*/Conv_1": [c]} for c in range(6)])
+        result.heatmap            # (6, N, H, W, C): each channel's conditional heatmap
+        result.concepts("*/Conv_1")
+    """
+    if not conditions:
+        raise ValueError("crp.attribute: give at least one condition (e.g. [{'y': [0]}])")
+    if start is not None and any(OUTPUT in cond for cond in conditions):
+        raise ValueError(
+            f"crp.attribute: with start={start!r} relevance starts at that layer; a condition's 'y' "
+            "would have no effect (remove it)"
+        )
+    comp = C.as_composite(composite) or C.Composite()
+    nums = _check_argnums(_normalize_argnums(argnums), len(args))
+    keys = list(dict.fromkeys(k for cond in conditions for k in cond if k != OUTPUT))
+    patterns = list(dict.fromkeys([*keys, *record, *([start] if start else [])]))
+    bound, dynamic, _ = bind_static(fn, args, {}, nums)
+    leaves = flat_inputs(dynamic, nums)
+    the_plan = _build_plan(bound, comp, dynamic, nums, taps=patterns, start=start)
+    avals = the_plan.analysis.avals
+
+    condition_values = {key: _one_value(the_plan, key, "condition") for key in keys}
+    masks = {}
+    for key, (_, v) in condition_values.items():
+        shape = tuple(avals[v].shape[1:])
+        masks[v] = jnp.stack(
+            [
+                jnp.asarray(_channel_mask(cond[key], shape, key)) if key in cond else jnp.ones(shape)
+                for cond in conditions
+            ]
+        )
+    if paired:
+        n_samples = next((avals[v].shape[0] for v in masks), None)
+        n_samples = n_samples if n_samples is not None else the_plan.program.out_avals[0].shape[0]
+        if len(conditions) != n_samples:
+            raise ValueError(
+                f"crp.attribute: paired=True needs one condition per sample, got {len(conditions)} "
+                f"conditions for {n_samples} samples"
+            )
+        masks = {v: m[None] for v, m in masks.items()}  # (1, N, ...): sample i under condition i
+    chosen = {p: select_values(the_plan.program, the_plan.analysis.layers, [p], "record") for p in record}
+    chosen.update({key: (value,) for key, value in condition_values.items()})
+    names = dict.fromkeys(name for found in chosen.values() for name, _ in found)
+    variable = {name: v for found in chosen.values() for name, v in found}
+    aliases = {p: found[0][0] for p, found in chosen.items() if len(found) == 1 and p not in names}
+    record_names = list(names)
+    record_vars = [variable[name] for name in record_names]
+
+    explained_mask = _explained_mask(dynamic, nums)
+    explained = [leaf for leaf, m in zip(leaves, explained_mask, strict=True) if m]
+    probes = {v: jnp.zeros(avals[v].shape, avals[v].dtype) for v in record_vars}
+
+    def run(explained, probes, masks):
+        values = iter(explained)
+        full = [next(values) if m else leaf for leaf, m in zip(leaves, explained_mask, strict=True)]
+        outs, acts = evaluate(the_plan, full, value_probes=probes, value_masks=masks, record=record_vars)
+        return jax.tree_util.tree_unflatten(the_plan.out_tree, outs), acts
+
+    y, acts = run(explained, probes, {v: jnp.ones(m.shape[1:]) for v, m in masks.items()})
+    cotangents = jnp.stack(
+        [jnp.ones_like(y) if start is not None else _output_cotangent(cond, y) for cond in conditions]
+    )
+    if paired:  # row i of condition i
+        cotangents = jnp.diagonal(cotangents, axis1=0, axis2=1)
+        cotangents = jnp.moveaxis(cotangents, -1, 0)[None]
+
+    def one(mask_and_cotangent):
+        masks_k, ct = mask_and_cotangent
+        _, vjp, _ = jax.vjp(lambda e, p: run(e, p, masks_k), explained, probes, has_aux=True)
+        return vjp(ct)
+
+    batch = (masks, cotangents)
+    if batch_size is None:
+        r_explained, r_probes = jax.vmap(one)(batch)
+    else:
+        r_explained, r_probes = jax.lax.map(one, batch, batch_size=batch_size)
+
+    per_arg = iter(r_explained)
+    structured = [
+        jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(dynamic[n]),
+            [next(per_arg) for _ in jax.tree_util.tree_leaves(dynamic[n])],
+        )
+        for n in nums
+    ]
+    heatmap = structured[0] if isinstance(argnums, int) else tuple(structured)
+    relevances = {name: r_probes[v] for name, v in zip(record_names, record_vars, strict=True)}
+    activations = dict(zip(record_names, acts, strict=True))
+    for pattern, name in aliases.items():  # a pattern that chose one layer also names it
+        relevances[pattern], activations[pattern] = relevances[name], activations[name]
+    return Attribution(heatmap=heatmap, relevances=relevances, activations=activations, output=y)
+
+
+def top_concepts(
+    fn: Callable,
+    *args: Any,
+    layer: str,
+    target: Any = None,
+    composite: C.Composite | R.Rule | None = None,
+    k: int = 5,
+    abs_norm: bool = True,
+    argnums: int | Sequence[int] = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` most relevant concepts of ``layer`` for each sample's ``target`` (an int, one class per
+    sample, or ``None``: the arg-max): ``(channels, relevances)``, each ``(N, k)``, largest first
+    (relevance :func:`concept_relevance`, abs-normalised by default)."""
+    condition = {} if target is None else {OUTPUT: target}
+    result = attribute(
+        fn, *args, conditions=[condition], composite=composite, record=[layer], argnums=argnums
+    )
+    scores = result.concepts(layer, abs_norm=abs_norm)[0]
+    values, channels = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+    return channels, values
+
+
+# --- the concept atlas ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """The reference samples of every concept of one layer, best first: ``samples[i, c]`` is the
+    dataset index of the ``i``-th best sample of concept ``c``, ``values[i, c]`` its score,
+    ``neurons[i, c]`` the flat position of the concept's most relevant (or active) neuron in it."""
+
+    samples: np.ndarray
+    values: np.ndarray
+    neurons: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptAtlas:
+    """Reference samples per concept (:func:`concept_atlas`): ``relevance[layer]`` maximises the
+    concept's relevance for the sample's label (RelMax), ``activation[layer]`` its activation
+    (ActMax)."""
+
+    relevance: dict[str, Ranking]
+    activation: dict[str, Ranking]
+    layers: tuple[str, ...]
+
+    def reference_heatmaps(
+        self,
+        fn: Callable,
+        variables: Any,
+        data: Any,
+        layer: str,
+        concept: int,
+        composite: C.Composite | R.Rule | None = None,
+        mode: str = "relevance",
+        count: int = 8,
+        rf: bool = True,
+    ) -> tuple[np.ndarray, jax.Array]:
+        """``(indices, heatmaps)`` of the ``count`` best reference samples of ``concept``: each
+        sample's input relevance started at ``layer`` from the concept's activation; with ``rf``
+        only from its best neuron (receptive field: crop with :func:`crop_box`).  ``data`` is the
+        array of the dataset's inputs, indexed by the atlas's sample indices."""
+        ranking = {"relevance": self.relevance, "activation": self.activation}[mode][layer]
+        indices = ranking.samples[:count, concept]
+        neurons = ranking.neurons[:count, concept]
+        x = jnp.asarray(np.asarray(data)[indices])
+        if rf:
+            conditions = [{layer: {concept: int(n)}} for n in neurons]
+            result = attribute(
+                fn, variables, x, conditions=conditions, composite=composite, start=layer, paired=True
+            )
+        else:
+            result = attribute(
+                fn, variables, x, conditions=[{layer: [concept]}], composite=composite, start=layer
+            )
+        return indices, result.heatmap[0]
+
+
+def _scores(values: jax.Array, max_target: str, abs_norm: bool) -> tuple[jax.Array, jax.Array]:
+    """Per sample and channel: the flat position of the largest value and the score (sum over the
+    positions, or that largest value), abs-normalised over channels: zennit-crp's reference sampling."""
+    flat = values.reshape(values.shape[0], -1, values.shape[-1])
+    neuron = jnp.argmax(flat, axis=1)
+    if max_target == "sum":
+        score = flat.sum(axis=1)
+    elif max_target == "max":
+        score = jnp.take_along_axis(flat, neuron[:, None, :], axis=1)[:, 0]
+    else:
+        raise ValueError(f"max_target must be 'sum' or 'max', got {max_target!r}")
+    if abs_norm:
+        score = score / (jnp.abs(score).sum(axis=-1, keepdims=True) + ABS_NORM_EPS)
+    return score, neuron
+
+
+def _merge(
+    old: Ranking | None, samples: np.ndarray, values: np.ndarray, neurons: np.ndarray, count: int
+) -> Ranking:
+    if old is not None:
+        samples = np.concatenate([samples, old.samples])
+        values = np.concatenate([values, old.values])
+        neurons = np.concatenate([neurons, old.neurons])
+    order = np.argsort(-values, axis=0, kind="stable")[:count]
+    take = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
+    return Ranking(samples=take(samples), values=take(values), neurons=take(neurons))
+
+
+def concept_atlas(
+    fn: Callable,
+    variables: Any,
+    data: Iterable[tuple[Any, Any]],
+    layers: Sequence[str],
+    composite: C.Composite | R.Rule | None = None,
+    count: int = 40,
+    max_target: str = "sum",
+    abs_norm: bool = True,
+    progress: bool = True,
+) -> ConceptAtlas:
+    """Stream a dataset and keep, for every concept of ``layers``, the ``count`` samples that maximise
+    its relevance (RelMax) and its activation (ActMax), as zennit-crp's ``FeatureVisualization``.
+
+    ``data`` yields ``(x, labels)`` batches (any iterable; the samples are numbered in order).  For
+    each batch one jitted step explains each sample's *label* (``{"y": labels}``) and reads, per
+    layer, the relevance arriving at its output and the output itself.  A concept's score on a sample
+    is the sum over positions (``max_target="sum"``) or the largest value (``"max"``), divided by the
+    sum of the absolute scores of the layer's concepts (``abs_norm``, zennit-crp's default); the
+    position of the largest value is kept as the concept's neuron in that sample.  ``progress`` shows
+    a ``tqdm`` bar."""
+    from tqdm.auto import tqdm
+
+    layers = tuple(layers)
+
+    @jax.jit
+    def step(variables, x, labels):
+        result = attribute(
+            fn, variables, x, conditions=[{OUTPUT: labels}], composite=composite, record=layers
+        )
+        out = {}
+        for layer in layers:
+            out[layer] = (
+                _scores(result.relevances[layer][0], max_target, abs_norm),
+                _scores(result.activations[layer], max_target, abs_norm),
+            )
+        return out
+
+    relevance: dict[str, Ranking] = {}
+    activation: dict[str, Ranking] = {}
+    offset = 0
+    total = len(data) if hasattr(data, "__len__") else None
+    for x, labels in tqdm(data, total=total, disable=not progress, desc="concept atlas"):
+        labels = jnp.asarray(labels)
+        out = jax.device_get(step(variables, x, labels))
+        n = len(labels)
+        index = np.broadcast_to(np.arange(offset, offset + n)[:, None], (n, 1))
+        for layer in layers:
+            (r_score, r_neuron), (a_score, a_neuron) = out[layer]
+            idx = np.broadcast_to(index, r_score.shape)
+            relevance[layer] = _merge(
+                relevance.get(layer), idx, np.asarray(r_score), np.asarray(r_neuron), count
+            )
+            activation[layer] = _merge(
+                activation.get(layer), idx, np.asarray(a_score), np.asarray(a_neuron), count
+            )
+        offset += n
+    return ConceptAtlas(relevance=relevance, activation=activation, layers=layers)
+
+
+def crop_box(heatmap: Any, threshold: float = 0.1) -> tuple[int, int, int, int]:
+    """The bounding box ``(top, bottom, left, right)`` (exclusive ends) of the pixels whose absolute
+    relevance is at least ``threshold`` times the largest (a receptive-field heatmap's region; the
+    whole image when it is all zero).  ``heatmap`` is ``(H, W)`` or ``(H, W, C)`` (summed over C)."""
+    h = np.abs(np.asarray(heatmap, np.float64))
+    if h.ndim == 3:
+        h = h.sum(-1)
+    peak = h.max(initial=0.0)
+    if peak == 0:
+        return 0, h.shape[0], 0, h.shape[1]
+    rows, cols = np.nonzero(h >= threshold * peak)
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
