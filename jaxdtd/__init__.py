@@ -11,11 +11,13 @@ from .composites import Composite
 from .dataset import explain_dataset, sharded_explain
 from .errors import UnsupportedOperationError
 from .inspect import describe, ledger
+from .similarity import bilrp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Composite",
+    "bilrp",
     "UnsupportedOperationError",
     "composites",
     "crp",
