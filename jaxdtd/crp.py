@@ -34,6 +34,7 @@ default ``exclude_parallel=True`` returns it twice).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -89,6 +90,11 @@ class Attribution:
         return concept_relevance(self.relevances[layer], abs_norm=abs_norm, batch_axes=2)
 
 
+jax.tree_util.register_dataclass(
+    Attribution, data_fields=["heatmap", "relevances", "activations", "output"], meta_fields=[]
+)
+
+
 def concept_relevance(relevance: jax.Array, abs_norm: bool = False, batch_axes: int = 1) -> jax.Array:
     """``R_c = sum_p R_(p, c)``: relevance summed over every axis but the ``batch_axes`` leading ones
     and the last (the channel).  With ``abs_norm``: ``R_c / (sum_c |R_c| + 1e-10)``."""
@@ -101,15 +107,19 @@ def concept_relevance(relevance: jax.Array, abs_norm: bool = False, batch_axes: 
 
 
 # --- conditions -----------------------------------------------------------------------------------
-def _channel_mask(entry: Any, shape: tuple[int, ...], key: str) -> np.ndarray:
-    """The mask of one layer's condition entry for one sample of ``shape`` (channel last): a list of
-    channels, or ``{channel: position}`` for single neurons (flat position index)."""
+def _channel_mask(entry: tuple, shape: tuple[int, ...], key: str) -> np.ndarray:
+    """The mask of one layer's (frozen) condition entry for one sample of ``shape`` (channel last):
+    ``("channels", (c, ...))``, or ``("neurons", ((c, n), ...))`` with ``n`` a flat position."""
     channels = shape[-1]
     positions = math.prod(shape[:-1])
     mask = np.zeros((positions, channels), np.float32)
-    if isinstance(entry, Mapping):
-        for c, n in entry.items():
-            c, n = int(c), int(n)
+    kind, items = entry
+    if kind == "neurons":
+        for c, n in items:
+            if not isinstance(c, (int, np.integer)) or not isinstance(n, (int, np.integer)):
+                raise ValueError(
+                    f"condition {key!r}: neuron {{{c!r}: {n!r}}} must map a channel to a position"
+                )
             if not 0 <= c < channels or not 0 <= n < positions:
                 raise ValueError(
                     f"condition {key!r}: neuron {{{c}: {n}}} is outside the layer's output of shape "
@@ -117,33 +127,13 @@ def _channel_mask(entry: Any, shape: tuple[int, ...], key: str) -> np.ndarray:
                 )
             mask[n, c] = 1
     else:
-        for c in np.atleast_1d(np.asarray(entry)).tolist():
+        for c in items:
             if not isinstance(c, int) or not 0 <= c < channels:
                 raise ValueError(
                     f"condition {key!r}: channel {c!r} is not an index of the layer's {channels} channels"
                 )
             mask[:, c] = 1
     return mask.reshape(shape)
-
-
-def _output_cotangent(condition: Mapping[str, Any], y: jax.Array) -> jax.Array:
-    """The cotangent at the output for one condition: multi-hot on ``condition["y"]`` (an int, a list
-    of classes, or one class per sample), else on each sample's arg-max class."""
-    classes = y.shape[-1]
-    if OUTPUT not in condition:
-        return jax.nn.one_hot(jnp.argmax(y, axis=-1), classes, dtype=y.dtype)
-    target = condition[OUTPUT]
-    if isinstance(target, (jax.Array, np.ndarray)) and np.ndim(target) == 1 and len(target) == y.shape[0]:
-        if not jnp.issubdtype(target.dtype, jnp.integer):
-            raise TypeError(f"condition 'y': per-sample classes must be integers, got {target.dtype}")
-        return jax.nn.one_hot(target, classes, dtype=y.dtype)
-    values = np.atleast_1d(np.asarray(target)).tolist()
-    bad = [v for v in values if not isinstance(v, int) or not 0 <= v < classes]
-    if bad:
-        raise ValueError(f"condition 'y': class(es) {bad} are not in 0..{classes - 1}")
-    hot = np.zeros(classes, np.float32)
-    hot[values] = 1
-    return jnp.broadcast_to(jnp.asarray(hot, y.dtype), y.shape)
 
 
 def _one_value(the_plan: Plan, pattern: str, what: str) -> tuple[str, int]:
@@ -195,9 +185,97 @@ def attribute(
         )
     comp = C.as_composite(composite) or C.Composite()
     nums = _check_argnums(_normalize_argnums(argnums), len(args))
-    keys = list(dict.fromkeys(k for cond in conditions for k in cond if k != OUTPUT))
-    patterns = list(dict.fromkeys([*keys, *record, *([start] if start else [])]))
-    bound, dynamic, _ = bind_static(fn, args, {}, nums)
+    frozen, labels = _freeze(conditions)
+    bound, dynamic, static_key = bind_static(fn, args, {}, nums)
+    spec = _Spec(frozen, tuple(record), start, nums, batch_size, paired, isinstance(argnums, int))
+    key = (fn, comp, spec, static_key)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable function or composite: compiled for this call only
+        program = jax.jit(functools.partial(_attribute, bound, comp, spec))
+    else:
+        program = _PROGRAMS.get(key)
+        if program is None:
+            program = jax.jit(functools.partial(_attribute, bound, comp, spec))
+            if len(_PROGRAMS) >= 32:
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
+            _PROGRAMS[key] = program
+    return program(dynamic, labels)
+
+
+# jitted attribution programs by (fn, composite, conditions, static arguments): an eager call
+# compiles once per input signature instead of dispatching every primitive of the model
+_PROGRAMS: dict[tuple, Callable] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    conditions: tuple  # per condition: (y, ((pattern, entry), ...)); see _freeze
+    record: tuple[str, ...]
+    start: str | None
+    nums: tuple[int, ...]
+    batch_size: int | None
+    paired: bool
+    single: bool  # argnums was an int
+
+
+def _freeze(conditions: Sequence[Mapping[str, Any]]) -> tuple[tuple, list[Any]]:
+    """Conditions as hashable values, and the per-sample label arrays they refer to.  ``y`` becomes
+    ``("argmax",)``, ``("classes", (k, ...))`` or ``("labels", i)`` (the ``i``-th array); a layer's
+    entry ``("channels", (c, ...))`` or ``("neurons", ((c, n), ...))``."""
+    frozen, labels = [], []
+    for cond in conditions:
+        y: tuple = ("argmax",)
+        if OUTPUT in cond:
+            target = cond[OUTPUT]
+            if isinstance(target, (jax.Array, np.ndarray)) and np.ndim(target) == 1:
+                y = ("labels", len(labels))
+                labels.append(jnp.asarray(target))
+            else:
+                y = ("classes", tuple(np.atleast_1d(np.asarray(target)).tolist()))
+        entries = []
+        for key, entry in cond.items():
+            if key == OUTPUT:
+                continue
+            if isinstance(entry, Mapping):
+                entries.append((key, ("neurons", tuple((int(c), int(n)) for c, n in entry.items()))))
+            else:
+                entries.append((key, ("channels", tuple(np.atleast_1d(np.asarray(entry)).tolist()))))
+        frozen.append((y, tuple(entries)))
+    return tuple(frozen), labels
+
+
+def _output_cotangent(y_spec: tuple, y: jax.Array, labels: Sequence[Any]) -> jax.Array:
+    """The cotangent at the output for one condition: multi-hot on its classes, one-hot on each
+    sample's label, or on each sample's arg-max class."""
+    classes = y.shape[-1]
+    if y_spec[0] == "argmax":
+        return jax.nn.one_hot(jnp.argmax(y, axis=-1), classes, dtype=y.dtype)
+    if y_spec[0] == "labels":
+        target = labels[y_spec[1]]
+        if not jnp.issubdtype(target.dtype, jnp.integer):
+            raise TypeError(f"condition 'y': per-sample classes must be integers, got {target.dtype}")
+        if target.shape != y.shape[:1]:
+            raise ValueError(
+                f"condition 'y': per-sample classes have shape {target.shape}, the batch has "
+                f"{y.shape[0]} samples"
+            )
+        return jax.nn.one_hot(target, classes, dtype=y.dtype)
+    values = list(y_spec[1])
+    bad = [v for v in values if not isinstance(v, int) or not 0 <= v < classes]
+    if bad:
+        raise ValueError(f"condition 'y': class(es) {bad} are not in 0..{classes - 1}")
+    hot = np.zeros(classes, np.float32)
+    hot[values] = 1
+    return jnp.broadcast_to(jnp.asarray(hot, y.dtype), y.shape)
+
+
+def _attribute(bound: Callable, comp: C.Composite, spec: _Spec, dynamic: tuple, labels: list) -> Attribution:
+    """The traced body of :func:`attribute` (``dynamic``: the array arguments)."""
+    nums, start = spec.nums, spec.start
+    conditions = spec.conditions
+    keys = list(dict.fromkeys(key for _, entries in conditions for key, _ in entries))
+    patterns = list(dict.fromkeys([*keys, *spec.record, *([start] if start else [])]))
     leaves = flat_inputs(dynamic, nums)
     the_plan = _build_plan(bound, comp, dynamic, nums, taps=patterns, start=start)
     avals = the_plan.analysis.avals
@@ -206,13 +284,12 @@ def attribute(
     masks = {}
     for key, (_, v) in condition_values.items():
         shape = tuple(avals[v].shape[1:])
-        masks[v] = jnp.stack(
-            [
-                jnp.asarray(_channel_mask(cond[key], shape, key)) if key in cond else jnp.ones(shape)
-                for cond in conditions
-            ]
-        )
-    if paired:
+        rows = []
+        for _, entries in conditions:
+            entry = dict(entries).get(key)
+            rows.append(jnp.ones(shape) if entry is None else jnp.asarray(_channel_mask(entry, shape, key)))
+        masks[v] = jnp.stack(rows)
+    if spec.paired:
         n_samples = next((avals[v].shape[0] for v in masks), None)
         n_samples = n_samples if n_samples is not None else the_plan.program.out_avals[0].shape[0]
         if len(conditions) != n_samples:
@@ -221,7 +298,9 @@ def attribute(
                 f"conditions for {n_samples} samples"
             )
         masks = {v: m[None] for v, m in masks.items()}  # (1, N, ...): sample i under condition i
-    chosen = {p: select_values(the_plan.program, the_plan.analysis.layers, [p], "record") for p in record}
+    chosen = {
+        p: select_values(the_plan.program, the_plan.analysis.layers, [p], "record") for p in spec.record
+    }
     chosen.update({key: (value,) for key, value in condition_values.items()})
     names = dict.fromkeys(name for found in chosen.values() for name, _ in found)
     variable = {name: v for found in chosen.values() for name, v in found}
@@ -241,9 +320,12 @@ def attribute(
 
     y, acts = run(explained, probes, {v: jnp.ones(m.shape[1:]) for v, m in masks.items()})
     cotangents = jnp.stack(
-        [jnp.ones_like(y) if start is not None else _output_cotangent(cond, y) for cond in conditions]
+        [
+            jnp.ones_like(y) if start is not None else _output_cotangent(y_spec, y, labels)
+            for y_spec, _ in conditions
+        ]
     )
-    if paired:  # row i of condition i
+    if spec.paired:  # row i of condition i
         cotangents = jnp.diagonal(cotangents, axis1=0, axis2=1)
         cotangents = jnp.moveaxis(cotangents, -1, 0)[None]
 
@@ -253,10 +335,10 @@ def attribute(
         return vjp(ct)
 
     batch = (masks, cotangents)
-    if batch_size is None:
+    if spec.batch_size is None:
         r_explained, r_probes = jax.vmap(one)(batch)
     else:
-        r_explained, r_probes = jax.lax.map(one, batch, batch_size=batch_size)
+        r_explained, r_probes = jax.lax.map(one, batch, batch_size=spec.batch_size)
 
     per_arg = iter(r_explained)
     structured = [
@@ -266,7 +348,7 @@ def attribute(
         )
         for n in nums
     ]
-    heatmap = structured[0] if isinstance(argnums, int) else tuple(structured)
+    heatmap = structured[0] if spec.single else tuple(structured)
     relevances = {name: r_probes[v] for name, v in zip(record_names, record_vars, strict=True)}
     activations = dict(zip(record_names, acts, strict=True))
     for pattern, name in aliases.items():  # a pattern that chose one layer also names it
@@ -378,6 +460,40 @@ def _merge(
     return Ranking(samples=take(samples), values=take(values), neurons=take(neurons))
 
 
+def _atlas_step(
+    fn: Callable, composite: Any, layers: tuple[str, ...], max_target: str, abs_norm: bool
+) -> Callable:
+    """The jitted per-batch step of :func:`concept_atlas`, shared between calls with the same
+    arguments when they are hashable (a new closure would compile anew on every call)."""
+    try:
+        hash((fn, composite, layers, max_target, abs_norm))
+    except TypeError:
+        return _make_atlas_step(fn, composite, layers, max_target, abs_norm)
+    return _cached_atlas_step(fn, composite, layers, max_target, abs_norm)
+
+
+def _make_atlas_step(
+    fn: Callable, composite: Any, layers: tuple[str, ...], max_target: str, abs_norm: bool
+) -> Callable:
+    @jax.jit
+    def step(variables, x, labels):
+        result = attribute(
+            fn, variables, x, conditions=[{OUTPUT: labels}], composite=composite, record=layers
+        )
+        return {
+            layer: (
+                _scores(result.relevances[layer][0], max_target, abs_norm),
+                _scores(result.activations[layer], max_target, abs_norm),
+            )
+            for layer in layers
+        }
+
+    return step
+
+
+_cached_atlas_step = functools.lru_cache(maxsize=16)(_make_atlas_step)
+
+
 def concept_atlas(
     fn: Callable,
     variables: Any,
@@ -399,41 +515,28 @@ def concept_atlas(
     sum of the absolute scores of the layer's concepts (``abs_norm``, zennit-crp's default); the
     position of the largest value is kept as the concept's neuron in that sample.  ``progress`` shows
     a ``tqdm`` bar."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     layers = tuple(layers)
-
-    @jax.jit
-    def step(variables, x, labels):
-        result = attribute(
-            fn, variables, x, conditions=[{OUTPUT: labels}], composite=composite, record=layers
-        )
-        out = {}
-        for layer in layers:
-            out[layer] = (
-                _scores(result.relevances[layer][0], max_target, abs_norm),
-                _scores(result.activations[layer], max_target, abs_norm),
-            )
-        return out
-
+    step = _atlas_step(fn, composite, layers, max_target, abs_norm)
     relevance: dict[str, Ranking] = {}
     activation: dict[str, Ranking] = {}
-    offset = 0
+    offset, size = 0, None
     total = len(data) if hasattr(data, "__len__") else None
     for x, labels in tqdm(data, total=total, disable=not progress, desc="concept atlas"):
-        labels = jnp.asarray(labels)
-        out = jax.device_get(step(variables, x, labels))
+        x, labels = np.asarray(x), np.asarray(labels)
         n = len(labels)
-        index = np.broadcast_to(np.arange(offset, offset + n)[:, None], (n, 1))
+        size = n if size is None else size
+        if n < size:  # a short last batch: padded to the batch size, so that the step compiles once
+            x = np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
+            labels = np.concatenate([labels, np.repeat(labels[-1:], size - n)])
+        out = jax.device_get(step(variables, x, labels))
+        index = np.arange(offset, offset + n)[:, None]
         for layer in layers:
             (r_score, r_neuron), (a_score, a_neuron) = out[layer]
-            idx = np.broadcast_to(index, r_score.shape)
-            relevance[layer] = _merge(
-                relevance.get(layer), idx, np.asarray(r_score), np.asarray(r_neuron), count
-            )
-            activation[layer] = _merge(
-                activation.get(layer), idx, np.asarray(a_score), np.asarray(a_neuron), count
-            )
+            idx = np.broadcast_to(index, r_score[:n].shape)
+            relevance[layer] = _merge(relevance.get(layer), idx, r_score[:n], r_neuron[:n], count)
+            activation[layer] = _merge(activation.get(layer), idx, a_score[:n], a_neuron[:n], count)
         offset += n
     return ConceptAtlas(relevance=relevance, activation=activation, layers=layers)
 
