@@ -74,3 +74,20 @@ def test_transformers_script_tiny_random_init():
             assert all(float(cell) >= 0 for cell in row.split("|")[2:-1])  # numbers, no nan
     for composite in ("AttnLRP", "CPLRP"):
         assert out.count(f"- {composite} vs the gradient: time ") == 2
+
+
+def test_concepts_similarity_script_tiny():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "concepts_similarity.py"), "--tiny", "--repeats", "1"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "**Concept atlas**: 256 digits, batches of 128, untrained DigitsCNN" in out
+    assert "**BiLRP**: tiny BERT (2 layers, hidden 32), random init, a pair of 5 and 6 tokens" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| program")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "256 gradients (input, label logit)", "concept atlas",
+        "2 x 32 gradients, combined the same way", "BiLRP",
+    ]  # fmt: skip
+    assert all(float(row.split("|")[2]) > 0 and float(row.split("|")[3]) > 0 for row in rows)
