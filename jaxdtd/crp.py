@@ -49,6 +49,7 @@ from .api import (
     _build_plan,
     _check_argnums,
     _explained_mask,
+    _holds_tracer,
     _normalize_argnums,
     bind_static,
     flat_inputs,
@@ -162,8 +163,9 @@ def attribute(
 
     ``conditions``: dicts ``{"y": classes, layer_pattern: channels or {channel: position}, ...}``;
     the patterns are those of taps (``"*/Conv_3"``, a module or weight path glob) and must each choose
-    one layer.  ``"y"`` is an int, a list of classes (their sum is explained) or an integer array with
-    one class per sample; without it each sample's arg-max class is explained.  ``record``: more layers
+    one layer.  ``"y"`` is an int or a list of classes (their sum is explained), or an integer array:
+    one class per sample (shape ``(N,)``) or one for all (shape ``()``, also traced); without it each
+    sample's arg-max class is explained.  ``record``: more layers
     whose relevance and activation to return (each pattern may choose several).  ``start``: a layer
     where relevance starts from the layer's activation instead of at the output (then no condition
     may have ``"y"``).  ``batch_size``: evaluate that many conditions at a time (``lax.map``) to bound
@@ -189,6 +191,8 @@ def attribute(
     bound, dynamic, static_key = bind_static(fn, args, {}, nums)
     spec = _Spec(frozen, tuple(record), start, nums, batch_size, paired, isinstance(argnums, int))
     key = (fn, comp, spec, static_key)
+    if _holds_tracer(comp):  # traced hyper-parameters (ZBox bounds under jit): evaluated inline
+        return _attribute(bound, comp, spec, dynamic, labels)
     try:
         hash(key)
     except TypeError:  # an unhashable function or composite: compiled for this call only
@@ -228,7 +232,7 @@ def _freeze(conditions: Sequence[Mapping[str, Any]]) -> tuple[tuple, list[Any]]:
         y: tuple = ("argmax",)
         if OUTPUT in cond:
             target = cond[OUTPUT]
-            if isinstance(target, (jax.Array, np.ndarray)) and np.ndim(target) == 1:
+            if isinstance(target, (jax.Array, np.ndarray)) and np.ndim(target) <= 1:  # traced or per sample
                 y = ("labels", len(labels))
                 labels.append(jnp.asarray(target))
             else:
@@ -255,6 +259,8 @@ def _output_cotangent(y_spec: tuple, y: jax.Array, labels: Sequence[Any]) -> jax
         target = labels[y_spec[1]]
         if not jnp.issubdtype(target.dtype, jnp.integer):
             raise TypeError(f"condition 'y': per-sample classes must be integers, got {target.dtype}")
+        if target.ndim == 0:  # one class (an array, possibly traced) for every sample
+            target = jnp.broadcast_to(target, y.shape[:1])
         if target.shape != y.shape[:1]:
             raise ValueError(
                 f"condition 'y': per-sample classes have shape {target.shape}, the batch has "

@@ -184,6 +184,34 @@ def test_jit_and_chunked_conditions_equal_eager(cnn):
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-7)
 
 
+def test_traced_composite_bounds_and_traced_labels(cnn):
+    model, variables, x = cnn
+    labels = jnp.array([0, 3, 1])
+
+    def run(low, labels):
+        result = crp.attribute(
+            model.apply, variables, x, composite=C.EpsilonGammaBox(low, 4.0),
+            conditions=[{"y": labels, "*/Conv_0": [1, 2]}],
+        )  # fmt: skip
+        return result.heatmap
+
+    eager = crp.attribute(
+        model.apply,
+        variables,
+        x,
+        composite=C.EpsilonGammaBox(-4.0, 4.0),
+        conditions=[{"y": labels, "*/Conv_0": [1, 2]}],
+    ).heatmap
+    np.testing.assert_allclose(jax.jit(run)(-4.0, labels), eager, rtol=1e-5, atol=1e-7)
+    one_class = jax.jit(
+        lambda k: (
+            crp.attribute(model.apply, variables, x, composite=C.EpsilonPlus(), conditions=[{"y": k}]).heatmap
+        )
+    )(jnp.int32(3))
+    relevance, _ = dtd.explain(model.apply, variables, x, target=3, composite=C.EpsilonPlus())
+    np.testing.assert_allclose(one_class[0], relevance, rtol=1e-5, atol=1e-7)
+
+
 def test_top_concepts_rank_the_concept_relevance(cnn):
     model, variables, x = cnn
     channels, values = crp.top_concepts(
