@@ -13,7 +13,20 @@ from .errors import UnsupportedOperationError
 from .inspect import describe, ledger
 from .similarity import bilrp
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it
+
+#: submodules reached as attributes on first use (``jaxdtd.models.classic``), so that ``import jaxdtd``
+#: does not import them
+_LAZY = frozenset({"models", "guided", "generation", "text", "image", "evaluate", "baselines", "demo"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'jaxdtd' has no attribute {name!r}")
+
 
 __all__ = [
     "Composite",
