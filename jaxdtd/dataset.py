@@ -24,13 +24,13 @@ import math
 import os
 import struct
 import sys
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from . import composites as C
 from . import rules as R
@@ -54,18 +54,6 @@ def sharded_explain(
         return explain(fn, variables, x, target=target, composite=composite)
 
     return jax.jit(run)
-
-
-def _progress(done: int, total: int | None, start: float, stream: Any, resumed: int = 0) -> None:
-    rate = (done - resumed) / max(time.perf_counter() - start, 1e-9)
-    if total:
-        width = 30
-        filled = int(width * done / total)
-        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-    else:
-        bar = f"{done}"
-    stream.write(f"\rexplaining {bar} samples, {rate:.1f}/s")
-    stream.flush()
 
 
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"  # .npy format version 1.0
@@ -217,7 +205,6 @@ def explain_dataset(
     stream = stream or sys.stderr
     chunks: list[np.ndarray] = []
     offset = 0
-    start = time.perf_counter()
     partial, progress_path = (None, None) if out is None else (out + ".partial", out + ".progress.json")
     state = None
     if out is not None:
@@ -243,8 +230,8 @@ def explain_dataset(
     if state is not None:
         writer = _PartialNpy(partial, tuple(state["row_shape"]), state["dtype"], rows=int(state["done"]))
     total = num_samples
-    resumed = int(state["done"]) if state else 0
     sizes: list[int] = []
+    bar = None
     try:
         for k, item in enumerate(batches):
             x, labels = item if isinstance(item, tuple) else (item, None)
@@ -304,9 +291,9 @@ def explain_dataset(
                 chunks.append(relevance)
             offset += n
             if progress:
-                _progress(offset, total, start, stream, resumed)
-        if progress:
-            stream.write("\n")
+                if bar is None:  # the total is known once the first batch is seen
+                    bar = tqdm(total=total, desc="explaining", unit="sample", file=stream, dynamic_ncols=True)
+                bar.update(n)
         if out is None:
             return np.concatenate(chunks) if chunks else np.zeros((0,))
         if len(sizes) < len(done_batches):
@@ -318,6 +305,8 @@ def explain_dataset(
         if writer is None:
             raise ValueError("explain_dataset: batches was empty")
     finally:
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
     os.replace(partial, out)

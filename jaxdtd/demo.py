@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from . import baselines, composites, evaluate
 from .api import explain
@@ -47,15 +48,6 @@ def load_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return images[train], labels[train], images[test], labels[test]
 
 
-def _progress(label: str, done: int, total: int, extra: str = "") -> None:
-    width = 30
-    filled = int(width * done / total)
-    sys.stdout.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}")
-    if done == total:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
 def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool = True):
     """Train :class:`DigitsCNN` with optax Adam; returns ``(model, variables, test_x, test_y, accuracy)``."""
     import optax
@@ -78,13 +70,13 @@ def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool =
 
     rng = np.random.default_rng(seed)
     n_batches = len(x_train) // batch_size
-    for epoch in range(epochs):
+    bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not verbose, file=sys.stdout)
+    for _ in bar:
         order = rng.permutation(len(x_train))
         for b in range(n_batches):
             idx = order[b * batch_size : (b + 1) * batch_size]
             variables, opt_state, loss = step(variables, opt_state, x_train[idx], y_train[idx])
-        if verbose:
-            _progress("training", epoch + 1, epochs, f"loss {float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}")
     accuracy = float((jnp.argmax(model.apply(variables, x_test), -1) == y_test).mean())
     return model, variables, x_test, y_test, accuracy
 
