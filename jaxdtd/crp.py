@@ -29,6 +29,14 @@ Everything matches zennit-crp 0.6.0 number for number (``tests/test_crp.py``), w
 differences: the channel axis is the last one; a condition without ``"y"`` explains the predicted
 class; the relevance recorded at a conditioned layer is the masked relevance once (zennit-crp's
 default ``exclude_parallel=True`` returns it twice).
+
+The masks act on one full backward pass, as zennit-crp's ``exclude_parallel=False``.  In a network
+whose layers all lie on one path (the tested case) that is also its default.  Where a conditioned
+layer has a parallel branch around it (a residual block's skip connection), the relevance that flows
+through the branch instead of the layer still reaches the input: zennit-crp's default
+``exclude_parallel=True`` (restarting the backward pass at the conditioned layer) is not
+implemented.  Conditioning on a layer every path goes through (a stage's output, EfficientNet's
+``conv_head``) is unaffected.
 """
 
 from __future__ import annotations
