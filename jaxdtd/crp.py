@@ -59,6 +59,7 @@ from .api import (
     _explained_mask,
     _holds_tracer,
     _normalize_argnums,
+    _signature,
     bind_static,
     flat_inputs,
 )
@@ -196,11 +197,15 @@ def attribute(
     comp = C.as_composite(composite) or C.Composite()
     nums = _check_argnums(_normalize_argnums(argnums), len(args))
     frozen, labels = _freeze(conditions)
+    keys = tuple(dict.fromkeys(key for _, entries in frozen for key, _ in entries))
     bound, dynamic, static_key = bind_static(fn, args, {}, nums)
-    spec = _Spec(frozen, tuple(record), start, nums, batch_size, paired, isinstance(argnums, int))
-    key = (fn, comp, spec, static_key)
+    shapes = _condition_shapes(fn, comp, bound, dynamic, nums, keys, start, static_key)
+    masks = _condition_masks(frozen, keys, shapes, paired)
+    targets = tuple(y for y, _ in frozen)
+    spec = _Spec(targets, keys, tuple(record), start, nums, batch_size, paired, isinstance(argnums, int))
     if _holds_tracer(comp):  # traced hyper-parameters (ZBox bounds under jit): evaluated inline
-        return _attribute(bound, comp, spec, dynamic, labels)
+        return _attribute(bound, comp, spec, dynamic, labels, masks)
+    key = (fn, comp, spec, static_key)
     try:
         hash(key)
     except TypeError:  # an unhashable function or composite: compiled for this call only
@@ -212,7 +217,67 @@ def attribute(
             if len(_PROGRAMS) >= 32:
                 _PROGRAMS.pop(next(iter(_PROGRAMS)))
             _PROGRAMS[key] = program
-    return program(dynamic, labels)
+    return program(dynamic, labels, masks)
+
+
+def _condition_shapes(
+    fn: Callable,
+    comp: C.Composite,
+    bound: Callable,
+    dynamic: tuple,
+    nums: tuple[int, ...],
+    keys: tuple[str, ...],
+    start: str | None,
+    static_key: Any,
+) -> dict[str, tuple[int, ...]]:
+    """The output shape of the layer each condition key chooses (from the plan; cached by function,
+    composite, keys and input signature, so that new channel or neuron indices reuse it)."""
+    if not keys:
+        return {}
+    leaves = jax.tree_util.tree_leaves(dynamic)
+    cache_key: tuple | None = (fn, comp, keys, start, nums, static_key, _signature(leaves))
+    try:
+        found = _SHAPES.get(cache_key)
+    except TypeError:  # unhashable
+        cache_key, found = None, None
+    if found is None:
+        the_plan = _build_plan(bound, comp, dynamic, nums, taps=list(keys), start=start)
+        avals = the_plan.analysis.avals
+        found = {key: tuple(avals[_one_value(the_plan, key, "condition")[1]].shape) for key in keys}
+        if cache_key is not None:
+            if len(_SHAPES) >= 64:
+                _SHAPES.pop(next(iter(_SHAPES)))
+            _SHAPES[cache_key] = found
+    return found
+
+
+def _condition_masks(
+    frozen: tuple, keys: tuple[str, ...], shapes: dict[str, tuple[int, ...]], paired: bool
+) -> dict[str, np.ndarray]:
+    """Per condition key, the masks of all conditions ``(K, *sample_shape)`` (ones where a condition
+    does not name the key); with ``paired`` ``(1, N, *sample_shape)``, sample ``i`` under condition
+    ``i``."""
+    masks = {}
+    for key in keys:
+        shape = shapes[key][1:]
+        rows = []
+        for _, entries in frozen:
+            entry = dict(entries).get(key)
+            rows.append(np.ones(shape, np.float32) if entry is None else _channel_mask(entry, shape, key))
+        masks[key] = np.stack(rows)
+    if paired:
+        n_samples = next((shape[0] for shape in shapes.values()), None)
+        if n_samples is not None and len(frozen) != n_samples:
+            raise ValueError(
+                f"crp.attribute: paired=True needs one condition per sample, got {len(frozen)} "
+                f"conditions for {n_samples} samples"
+            )
+        masks = {key: m[None] for key, m in masks.items()}
+    return masks
+
+
+#: layer shapes of condition keys, by (fn, composite, keys, start, argnums, static part, signature)
+_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
 
 
 # jitted attribution programs by (fn, composite, conditions, static arguments): an eager call
@@ -222,7 +287,8 @@ _PROGRAMS: dict[tuple, Callable] = {}
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    conditions: tuple  # per condition: (y, ((pattern, entry), ...)); see _freeze
+    targets: tuple  # per condition its y (see _freeze); the masks are arguments
+    keys: tuple[str, ...]  # the condition keys, in order
     record: tuple[str, ...]
     start: str | None
     nums: tuple[int, ...]
@@ -284,34 +350,19 @@ def _output_cotangent(y_spec: tuple, y: jax.Array, labels: Sequence[Any]) -> jax
     return jnp.broadcast_to(jnp.asarray(hot, y.dtype), y.shape)
 
 
-def _attribute(bound: Callable, comp: C.Composite, spec: _Spec, dynamic: tuple, labels: list) -> Attribution:
-    """The traced body of :func:`attribute` (``dynamic``: the array arguments)."""
-    nums, start = spec.nums, spec.start
-    conditions = spec.conditions
-    keys = list(dict.fromkeys(key for _, entries in conditions for key, _ in entries))
+def _attribute(
+    bound: Callable, comp: C.Composite, spec: _Spec, dynamic: tuple, labels: list, masks_by_key: dict
+) -> Attribution:
+    """The traced body of :func:`attribute` (``dynamic``: the array arguments; ``masks_by_key``:
+    :func:`_condition_masks`)."""
+    nums, start, keys = spec.nums, spec.start, list(spec.keys)
     patterns = list(dict.fromkeys([*keys, *spec.record, *([start] if start else [])]))
     leaves = flat_inputs(dynamic, nums)
     the_plan = _build_plan(bound, comp, dynamic, nums, taps=patterns, start=start)
     avals = the_plan.analysis.avals
 
     condition_values = {key: _one_value(the_plan, key, "condition") for key in keys}
-    masks = {}
-    for key, (_, v) in condition_values.items():
-        shape = tuple(avals[v].shape[1:])
-        rows = []
-        for _, entries in conditions:
-            entry = dict(entries).get(key)
-            rows.append(jnp.ones(shape) if entry is None else jnp.asarray(_channel_mask(entry, shape, key)))
-        masks[v] = jnp.stack(rows)
-    if spec.paired:
-        n_samples = next((avals[v].shape[0] for v in masks), None)
-        n_samples = n_samples if n_samples is not None else the_plan.program.out_avals[0].shape[0]
-        if len(conditions) != n_samples:
-            raise ValueError(
-                f"crp.attribute: paired=True needs one condition per sample, got {len(conditions)} "
-                f"conditions for {n_samples} samples"
-            )
-        masks = {v: m[None] for v, m in masks.items()}  # (1, N, ...): sample i under condition i
+    masks = {v: jnp.asarray(masks_by_key[key]) for key, (_, v) in condition_values.items()}
     chosen = {
         p: select_values(the_plan.program, the_plan.analysis.layers, [p], "record") for p in spec.record
     }
@@ -336,7 +387,7 @@ def _attribute(bound: Callable, comp: C.Composite, spec: _Spec, dynamic: tuple, 
     cotangents = jnp.stack(
         [
             jnp.ones_like(y) if start is not None else _output_cotangent(y_spec, y, labels)
-            for y_spec, _ in conditions
+            for y_spec in spec.targets
         ]
     )
     if spec.paired:  # row i of condition i
