@@ -48,11 +48,22 @@ def load_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return images[train], labels[train], images[test], labels[test]
 
 
-def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool = True):
-    """Train :class:`DigitsCNN` with optax Adam; returns ``(model, variables, test_x, test_y, accuracy)``."""
+def fit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    extra_loss: Any = None,
+    epochs: int = 12,
+    batch_size: int = 64,
+    seed: int = 0,
+    verbose: bool = True,
+    desc: str = "training",
+    stream: Any = sys.stdout,
+) -> tuple[Any, Any]:
+    """Train :class:`DigitsCNN` on ``(x_train, y_train)`` with optax Adam (3e-3) on the cross-entropy
+    plus ``extra_loss(model, variables, x, y)`` if given; shuffled batches, the last partial batch
+    dropped.  Returns ``(model, variables)``."""
     import optax
 
-    x_train, y_train, x_test, y_test = load_digits(seed)
     model = DigitsCNN()
     variables = model.init(jax.random.PRNGKey(seed), x_train[:1])
     optimizer = optax.adam(3e-3)
@@ -62,7 +73,10 @@ def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool =
     def step(variables, opt_state, x, y):
         def loss_fn(v):
             logits = model.apply(v, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            if extra_loss is not None:
+                loss = loss + extra_loss(model, v, x, y)
+            return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(variables)
         updates, opt_state = optimizer.update(grads, opt_state, variables)
@@ -70,13 +84,21 @@ def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool =
 
     rng = np.random.default_rng(seed)
     n_batches = len(x_train) // batch_size
-    bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not verbose, file=sys.stdout)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not verbose, file=stream)
     for _ in bar:
         order = rng.permutation(len(x_train))
         for b in range(n_batches):
             idx = order[b * batch_size : (b + 1) * batch_size]
             variables, opt_state, loss = step(variables, opt_state, x_train[idx], y_train[idx])
         bar.set_postfix(loss=f"{float(loss):.3f}")
+    return model, variables
+
+
+def train(epochs: int = 12, batch_size: int = 64, seed: int = 0, verbose: bool = True):
+    """Train :class:`DigitsCNN` with optax Adam (:func:`fit`) on the digits' training split; returns
+    ``(model, variables, test_x, test_y, accuracy)``."""
+    x_train, y_train, x_test, y_test = load_digits(seed)
+    model, variables = fit(x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose)
     accuracy = float((jnp.argmax(model.apply(variables, x_test), -1) == y_test).mean())
     return model, variables, x_test, y_test, accuracy
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import composites
 from .api import explain
-from .demo import DigitsCNN, load_digits
+from .demo import fit, load_digits
 
 __all__ = ["MARK", "confound", "mark_share", "run", "train"]
 
@@ -70,41 +70,19 @@ def train(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Any, Any]:
-    """Train :class:`~jaxdtd.demo.DigitsCNN` on the confounded training digits with loss
-    ``CE + penalty * mean(mark_share(R))`` (``R`` the relevance of the true class); returns
-    ``(model, variables)``."""
-    import optax
-    from tqdm import tqdm
-
+    """Train :class:`~jaxdtd.demo.DigitsCNN` (:func:`jaxdtd.demo.fit`) on the confounded training
+    digits with loss ``CE + penalty * mean(mark_share(R))`` (``R`` the relevance of the true class);
+    returns ``(model, variables)``."""
     x_train, y_train, _, _ = load_digits(seed)
     x_train = confound(x_train, y_train, correlated=True)
-    model = DigitsCNN()
-    variables = model.init(jax.random.PRNGKey(seed), x_train[:1])
-    optimizer = optax.adam(3e-3)
-    opt_state = optimizer.init(variables)
 
-    @jax.jit
-    def step(variables, opt_state, x, y):
-        def loss_fn(v):
-            logits = model.apply(v, x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            if penalty:
-                loss = loss + penalty * mark_share(_relevance(model, v, x, y)).mean()
-            return loss
+    def relevance_penalty(model, v, x, y):
+        return penalty * mark_share(_relevance(model, v, x, y)).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(variables)
-        updates, opt_state = optimizer.update(grads, opt_state, variables)
-        return optax.apply_updates(variables, updates), opt_state, loss
-
-    rng = np.random.default_rng(seed)
-    n_batches = len(x_train) // batch_size
-    bar = tqdm(range(epochs), disable=not progress, desc=f"training (penalty {penalty:g})")
-    for _ in bar:
-        order = rng.permutation(len(x_train))
-        for b in range(n_batches):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            variables, opt_state, loss = step(variables, opt_state, x_train[idx], y_train[idx])
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+    model, variables = fit(
+        x_train, y_train, relevance_penalty if penalty else None, epochs=epochs, batch_size=batch_size,
+        seed=seed, verbose=progress, desc=f"training (penalty {penalty:g})", stream=None,
+    )  # fmt: skip
     return model, variables
 
 
