@@ -43,6 +43,21 @@ class CNN(nn.Module):
         return x
 
 
+def tiny_bert():
+    """A one-layer BERT (hidden 8, 2 heads, vocabulary 30, 8 positions) for quick transformer tests."""
+    from jaxdtd.models import bert
+
+    config = bert.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+    )
+    return bert.Bert(config)
+
+
 def params_from_flat(flat: dict[str, object]) -> dict:
     """``{'params/Conv_0/kernel': array, ...}`` -> Flax variables ``{'params': {...}}``."""
     variables: dict = {}

@@ -16,6 +16,7 @@ import pytest
 
 import jaxdtd as dtd
 from jaxdtd import rules
+from tests.models import tiny_bert
 
 
 class Embedding(nn.Module):
@@ -104,17 +105,7 @@ def test_random_projection_explains_the_projected_similarity():
 
 def test_token_by_token_matrix_of_a_text_model_from_its_ids():
     """A tiny BERT fed token ids: relevance seeded at the word embeddings, reduced per token."""
-    from jaxdtd.models import bert
-
-    config = bert.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=8,
-    )
-    model = bert.Bert(config)
+    model = tiny_bert()
     ids = jnp.array([[1, 5, 7, 2, 0]])
     ids_prime = jnp.array([[1, 9, 4, 6, 2]])
     variables = model.init(jax.random.PRNGKey(0), ids)

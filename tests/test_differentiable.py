@@ -17,7 +17,7 @@ import pytest
 
 import jaxdtd as dtd
 from jaxdtd import composites as C
-from tests.models import CNN, MLP
+from tests.models import CNN, MLP, tiny_bert
 
 TARGET = 2
 
@@ -199,17 +199,7 @@ def test_input_gradient_matches_finite_differences(x64):
 def test_attention_relevance_is_differentiable(x64):
     """AttnLRP through a tiny BERT (LayerNorm, softmax, the fused attention core): parameter gradient
     of a loss on the token relevance against finite differences."""
-    from jaxdtd.models import bert
-
-    config = bert.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=8,
-    )
-    model = bert.Bert(config)
+    model = tiny_bert()
     ids = jnp.array([[1, 5, 7, 2, 0, 0]])
     mask = jnp.array([[1, 1, 1, 1, 0, 0]])
     variables = jax.tree_util.tree_map(
