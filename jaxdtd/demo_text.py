@@ -151,9 +151,11 @@ def run(
     out_dir: str | pathlib.Path | None = DEFAULT_OUT,
     pairs: Sequence[tuple[str, str]] = PAIRS,
     verbose: bool = True,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Embed, compare and explain ``pairs``; with ``out_dir`` write ``text.html``, ``text.png``,
     ``report.md`` and ``report.json`` there.  Returns the report (as ``report.json`` holds it).
+    ``methods`` chooses among :data:`METHODS` by name (default: all).
 
     Raises:
         ImportError: the pretrained model or its packages are missing (see
@@ -165,6 +167,12 @@ def run(
 
     if not pairs:
         raise ValueError("run: no sentence pairs")
+    chosen = {name: METHODS[name] for name in (METHODS if methods is None else methods) if name in METHODS}
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown or not chosen:
+        raise ValueError(
+            f"run: unknown method(s) {unknown or list(methods or ())}; choose from {list(METHODS)}"
+        )
     start = time.perf_counter()
     module, variables = minilm.all_minilm_l6_v2()
     n = len(pairs)
@@ -182,7 +190,7 @@ def run(
 
     per_token: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    for name, make in METHODS.items():
+    for name, make in chosen.items():
         t0 = time.perf_counter()
         fn = relevance_function(module, batch.attention_mask, reference, make())
         R = jax.block_until_ready(fn(variables, E))
@@ -229,7 +237,7 @@ def run(
         "score": "s(A) = e(A) . stop_gradient(e(B)): e the mean-pooled embedding before L2 normalisation; "
         "relevance of the input embeddings (word + position + type) summed over the hidden axis, "
         "WordPiece pieces merged by summing",
-        "methods": list(METHODS),
+        "methods": list(chosen),
         "pairs": report_pairs,
         "seconds_per_method": seconds,
     }
