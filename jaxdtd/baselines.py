@@ -3,7 +3,7 @@
 Every function here is ``method(fn, *args, target=None, argnums=1, **options) -> (attribution,
 output)``: ``fn(*args)`` returns scores of shape ``(..., classes)``, ``output`` is ``fn(*args)``,
 and ``attribution`` has the structure of ``args[argnums]`` (a tuple when ``argnums`` is a tuple).
-The explained class score is
+The explained class score is::
 
     f_c(x) = fn(*args)[..., c],    c = target (or the arg-max class of ``output`` when ``None``).
 

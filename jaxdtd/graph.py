@@ -10,7 +10,7 @@
   that does not depend on the explained input (a weight; a detached computed value is no kernel),
   grouped with the single-use chain of constant-operand ops after it (bias add, BatchNorm's
   subtract/scale/shift) into ``z = A(x) + b``.  Per-output-channel scales are folded into the kernel
-  so that the rules see the folded weights (rules.md, BatchNorm).
+  so that the rules see the folded weights (docs/rules.md, BatchNorm).
 """
 
 from __future__ import annotations

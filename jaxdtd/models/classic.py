@@ -2,7 +2,7 @@
 
 Every model takes NHWC images and returns logits of shape ``(N, num_classes)``.  BatchNorm layers
 run in inference mode (running statistics) unless ``train=True``; that is the mode to explain in,
-because jaxdtd folds an inference-mode BatchNorm into the convolution before it (rules.md):
+because jaxdtd folds an inference-mode BatchNorm into the convolution before it (docs/rules.md):
 ``s = scale / sqrt(var + eps)``, ``W' = W * s``, ``b' = (b - mean) * s + shift``.  In training mode
 the normalisation divides by statistics of the batch itself, which is not an affine layer.
 

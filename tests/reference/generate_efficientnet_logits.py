@@ -2,7 +2,7 @@
 
 Run from the repository root (CPU is enough; jax is *not* needed)::
 
-    /work/refvenv/bin/python tests/reference/generate_efficientnet_logits.py
+    .venv-ref/bin/python tests/reference/generate_efficientnet_logits.py
 
 Requirements::
 

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    /work/refvenv/bin/python tests/reference/generate_golden.py
+    .venv-ref/bin/python tests/reference/generate_golden.py
 
 Requirements (CPU is enough; jax is *not* needed)::
 
@@ -27,7 +27,7 @@ for every case in ``CASES`` with ``attr_output = output * onehot(target)`` in fl
 - ``case_desc/<case>``: unicode scalar, the zennit composite used.
 
 Before writing, every result is checked against an independent numpy implementation of the formulas in
-``/work/shared/reference/rules.md`` (convolutions written out as explicit matrices in NHWC order), and
+``docs/rules.md`` (convolutions written out as explicit matrices in NHWC order), and
 zennit's own preset classes are compared with the hand-built composites.  The script prints the
 conservation sums and the float32-vs-float64 deviation of zennit per case.
 """

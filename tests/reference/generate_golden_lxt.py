@@ -2,7 +2,7 @@
 
 Run from the repository root (a venv outside the repository, see ``tests/reference/README.md``)::
 
-    /tmp/lxtenv/bin/python tests/reference/generate_golden_lxt.py
+    .venv-lxt/bin/python tests/reference/generate_golden_lxt.py
 
 Requirements (CPU only; no jax, no torchvision)::
 

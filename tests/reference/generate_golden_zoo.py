@@ -2,7 +2,7 @@
 
 Run from the repository root with a Python that has torch 2.13.0, zennit 1.0.0, jax/flax and jaxdtd::
 
-    /work/benchvenv/bin/python tests/reference/generate_golden_zoo.py
+    .venv-bench/bin/python tests/reference/generate_golden_zoo.py
 
 Every architecture of the zoo at a small size, with random weights:
 
