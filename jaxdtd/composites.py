@@ -11,7 +11,7 @@ A :class:`Composite` is data.  For an affine layer the rule is chosen by this pr
 3. ``conv`` for convolutions, ``dense`` for ``dot_general`` layers;
 4. ``default``; if that is ``None`` too, the plain gradient.
 
-Parameter-free operations follow the base map of ``docs/rules.md`` (the documentation page "The rules") (activations Pass,
+Parameter-free operations follow the base map of ``docs/rules.md`` (activations Pass,
 sums and average pooling Norm, max pooling and structural ops the gradient); ``operations`` maps a
 primitive name (``"tanh"``, ``"reduce_window_max"``) to a :class:`~jaxdtd.rules.Pass`,
 :class:`~jaxdtd.rules.Norm` or :class:`~jaxdtd.rules.Gradient` to override it or to allow an operation

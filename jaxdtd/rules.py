@@ -11,7 +11,7 @@ Montavon et al. 2017, Sec. 4-5)::
     R_in  = sum_k coefficient_k * x_k * A^T(s_{g(k)}; w_k)
 
 where ``A^T`` is the transposed linear map (the VJP of the layer with weights ``w_k``).  The
-notation and each rule's formula are in ``docs/rules.md`` (the documentation page "The rules"); the semantics are those of
+notation and each rule's formula are in ``docs/rules.md``; the semantics are those of
 zennit 1.0.  Branches whose input is ``x- = min(x, 0)`` are skipped when the layer input is provably
 non-negative (it comes out of a ReLU), and gamma's group for negative outputs when the output's
 relevance provably vanishes wherever ``z <= 0`` (the layer feeds a ReLU; :mod:`jaxdtd.vanishing`):
