@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -468,7 +468,7 @@ class ScanUnit(Unit):
 
     def evaluate(self, read) -> list[Any]:
         params = self.equation.params
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        n_consts, n_carry = scan_counts(params)
         values = [read(a) for a in self.equation.invars]
         consts, init, xs = (
             values[:n_consts],
@@ -489,11 +489,23 @@ class ScanUnit(Unit):
         return [*carry, *ys]
 
 
+def scan_counts(params: Mapping[str, Any]) -> tuple[int, int]:
+    """``(constants, carries)`` of a ``scan`` equation: its operands are the constants, then the
+    carries, then the scanned inputs.  jax <= 0.10 states the counts (``num_consts``,
+    ``num_carry``); jax 0.12 states the flat structure of the three groups instead (``ft_in``, one
+    entry per operand), and drops scanned outputs that only forward an input from the equation."""
+    if "num_consts" in params:
+        return int(params["num_consts"]), int(params["num_carry"])
+    groups = params["ft_in"]  # a flat tree of the three groups; len() of a group counts its leaves
+    consts, carry, _ = getattr(groups, "elts", groups)
+    return len(consts), len(carry)
+
+
 def _scan_unit(eqn: Equation, analysis: Analysis, composite: Composite) -> ScanUnit:
     """Plan a scan's body: its data inputs are the data operands and, to a fixed point, the carries
     that the body makes data; layers inside are never ``first`` (they run at every iteration)."""
     params = eqn.params
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    n_consts, n_carry = scan_counts(params)
     body = flatten(params["jaxpr"], prefix=eqn.name_stack, call_sites=(eqn.source_info, *eqn.call_sites))
     data = [analysis.is_data(a) for a in eqn.invars]
     while True:
