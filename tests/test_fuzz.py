@@ -409,6 +409,7 @@ def _padded_wider_than_the_kernel():
 
 
 @pytest.mark.xfail(
+    jax.__version_info__ < (0, 12),  # fixed in the XLA of jaxlib 0.12: there the test passes
     strict=True,
     reason="XLA:CPU computes f32 convolutions with negative low padding wrong (out-of-bounds reads, "
     "openxla/xla#48713); the transpose of a convolution whose low padding exceeds (k - 1) * dilation "
