@@ -107,7 +107,7 @@ def test_chunked_backward_equals_the_vmapped_rows(scanned):
     np.testing.assert_allclose(chunked.relevance, full.relevance, rtol=0, atol=1e-6 * scale)
     positions, targets = np.arange(PROMPT.size - 1, ids.size - 1), ids[PROMPT.size :]
     logits = model.apply(variables, E, method=Llama.from_embeddings)[0, positions, targets]
-    np.testing.assert_allclose(full.logits, logits, rtol=1e-6)
+    np.testing.assert_allclose(full.logits, logits, rtol=1e-5)  # two XLA programs: float32 reassociation
 
 
 def test_bad_inputs_name_what_is_wrong(scanned):
