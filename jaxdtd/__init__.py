@@ -5,6 +5,8 @@ propagation (Montavon et al., "Explaining NonLinear Classification Decisions wit
 Decomposition", Pattern Recognition 2017), so ``jax.grad`` of a class score is its heatmap.
 """
 
+from types import ModuleType
+
 from . import composites, crp, rules
 from .api import explain, from_nnx, trace_plan, transform
 from .composites import Composite
@@ -20,7 +22,7 @@ __version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it
 _LAZY = frozenset({"models", "guided", "generation", "text", "image", "evaluate", "baselines", "demo"})
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     if name in _LAZY:
         import importlib
 

@@ -8,7 +8,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ _CACHE_SIZE = 32
 
 
 def _normalize_argnums(argnums: int | Sequence[int]) -> tuple[int, ...]:
+    nums: tuple[Any, ...]  # checked to be ints below
     try:
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     except TypeError:
@@ -47,7 +48,7 @@ def _check_argnums(nums: tuple[int, ...], n_args: int) -> tuple[int, ...]:
     return tuple(resolved)
 
 
-def _leaf_name(path: tuple) -> str:
+def _leaf_name(path: tuple[Any, ...]) -> str:
     parts = []
     for key in path[1:]:  # drop the argument index
         for attr in ("key", "name", "idx"):
@@ -59,7 +60,7 @@ def _leaf_name(path: tuple) -> str:
     return "/".join(parts)
 
 
-def _signature(leaves: Sequence[Any]) -> tuple:
+def _signature(leaves: Sequence[Any]) -> tuple[Any, ...]:
     sig = []
     for leaf in leaves:
         aval = jax.typeof(leaf)
@@ -67,7 +68,7 @@ def _signature(leaves: Sequence[Any]) -> tuple:
     return tuple(sig)
 
 
-def flat_inputs(args: tuple, resolved: tuple[int, ...]) -> list[Any]:
+def flat_inputs(args: tuple[Any, ...], resolved: tuple[int, ...]) -> list[Any]:
     """The flat argument leaves, explained ones checked to be floating point.  The others (weights)
     are constants of the rules: :func:`jaxdtd.interpret.evaluate` gives them a zero cotangent in the
     relevance pass and keeps their true derivative for any enclosing differentiation."""
@@ -114,6 +115,7 @@ def _check_target(target: Any, y_shape: tuple[int, ...]) -> Any:
     expected = (
         f"an int in 0..{classes - 1} or an integer array of shape {batch_shape} (one class index per sample)"
     )
+    array: jax.Array | np.ndarray
     if isinstance(target, jax.core.Tracer):
         array = target
     else:
@@ -174,7 +176,7 @@ def nonfinite_samples(leaf: Any) -> list[int]:
     return [int(i) for i in np.flatnonzero(~np.atleast_1d(np.asarray(finite)))]
 
 
-def check_finite_inputs(args: tuple, nums: tuple[int, ...], caller: str = "explain") -> None:
+def check_finite_inputs(args: tuple[Any, ...], nums: tuple[int, ...], caller: str = "explain") -> None:
     """Raise ``ValueError`` naming the samples of concrete explained inputs that hold NaN or Inf."""
     entries = [
         (n, path, leaf) for n in nums for path, leaf in jax.tree_util.tree_flatten_with_path(args[n])[0]
@@ -192,7 +194,7 @@ def check_finite_inputs(args: tuple, nums: tuple[int, ...], caller: str = "expla
         )
 
 
-def _checkify_finite(args: tuple, nums: tuple[int, ...]) -> None:
+def _checkify_finite(args: tuple[Any, ...], nums: tuple[int, ...]) -> None:
     """``checkify.check`` that traced explained inputs are finite (reported under ``checkify``)."""
     from jax.experimental import checkify
 
@@ -253,7 +255,7 @@ def is_array_leaf(leaf: Any) -> bool:
     )
 
 
-def _describe_position(path: tuple, n_positional: int) -> str:
+def _describe_position(path: tuple[Any, ...], n_positional: int) -> str:
     index = path[0].idx
     rest = jax.tree_util.keystr(path[1:])
     if index < n_positional:
@@ -262,8 +264,8 @@ def _describe_position(path: tuple, n_positional: int) -> str:
 
 
 def bind_static(
-    fn: Callable, args: tuple, kwargs: dict, resolved: tuple[int, ...]
-) -> tuple[Callable, tuple, tuple]:
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], resolved: tuple[int, ...]
+) -> tuple[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]:
     """Split the call ``fn(*args, **kwargs)`` into its data and its static part.
 
     Returns ``(bound, dynamic, key)``: ``dynamic`` is ``args`` -- followed by the keyword arguments
@@ -349,11 +351,13 @@ def _holds_tracer(composite: Any) -> bool:
     )
 
 
-def _explained_mask(dynamic: tuple, resolved: tuple[int, ...]) -> list[bool]:
+def _explained_mask(dynamic: tuple[Any, ...], resolved: tuple[int, ...]) -> list[bool]:
     return [path[0].idx in resolved for path, _ in jax.tree_util.tree_flatten_with_path(dynamic)[0]]
 
 
-def _empty_batch_forward(bound: Callable, dynamic: tuple, inputs: list, resolved: tuple[int, ...]) -> Any:
+def _empty_batch_forward(
+    bound: Callable[..., Any], dynamic: tuple[Any, ...], inputs: list[Any], resolved: tuple[int, ...]
+) -> Any:
     """The forward of a call whose explained inputs have no elements (a batch of 0 samples).
 
     There is no relevance to propagate: ``fn`` itself is evaluated (weights behind
@@ -361,7 +365,7 @@ def _empty_batch_forward(bound: Callable, dynamic: tuple, inputs: list, resolved
     evaluate an empty batch (e.g. ``x.reshape(x.shape[0], -1)``), the output is zeros of the shape
     its batch axis -- the axis whose size follows the batch at 1 and 2 samples -- gives at 0."""
     treedef = jax.tree_util.tree_structure(dynamic)
-    call = lambda *leaves: bound(*jax.tree_util.tree_unflatten(treedef, leaves))
+    call: Callable[..., Any] = lambda *leaves: bound(*jax.tree_util.tree_unflatten(treedef, leaves))
     try:
         return call(*inputs)
     except Exception as error:  # noqa: BLE001 - re-raised below when the shapes do not help
@@ -397,7 +401,9 @@ def _empty_batch_forward(bound: Callable, dynamic: tuple, inputs: list, resolved
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(one), outs)
 
 
-def trace_plan(fn: Callable, composite: Any, args: tuple, argnums: int | Sequence[int] = 1) -> Plan:
+def trace_plan(
+    fn: Callable[..., Any], composite: Any, args: tuple[Any, ...], argnums: int | Sequence[int] = 1
+) -> Plan:
     """Trace ``fn(*args)`` and build its relevance plan (layers, rules, operations).  Static
     arguments (see :func:`transform`) are closed over; the plan's inputs are the array leaves."""
     comp = C.as_composite(composite) or C.Composite()
@@ -407,9 +413,9 @@ def trace_plan(fn: Callable, composite: Any, args: tuple, argnums: int | Sequenc
 
 
 def _build_plan(
-    fn: Callable,
+    fn: Callable[..., Any],
     composite: C.Composite,
-    args: tuple,
+    args: tuple[Any, ...],
     nums: tuple[int, ...],
     taps: Sequence[str] = (),
     seeds: Sequence[str] = (),
@@ -454,7 +460,7 @@ def _build_plan(
     return dataclasses.replace(result, out_tree=out_tree)
 
 
-def _output_at(program: Program, args: tuple, nums: tuple[int, ...], pattern: str) -> Program:
+def _output_at(program: Program, args: tuple[Any, ...], nums: tuple[int, ...], pattern: str) -> Program:
     """``program`` with the one value chosen by ``pattern`` as its only output."""
     with_path, _ = jax.tree_util.tree_flatten_with_path(args)
     explained = {v for v, (path, _) in zip(program.invars, with_path, strict=True) if path[0].idx in nums}
@@ -471,8 +477,8 @@ def _output_at(program: Program, args: tuple, nums: tuple[int, ...], pattern: st
 
 
 def transform(
-    fn: Callable, composite: C.Composite | R.Rule | None = None, *, argnums: int | Sequence[int] = 1
-) -> Callable:
+    fn: Callable[..., Any], composite: C.Composite | R.Rule | None = None, *, argnums: int | Sequence[int] = 1
+) -> Callable[..., Any]:
     """Return ``fn`` with relevance propagation as its VJP with respect to ``argnums``.
 
     The returned function has ``fn``'s signature and forward values (the same primitives are
@@ -518,9 +524,11 @@ def transform(
     nums = _normalize_argnums(argnums)
     # traced hyper-parameters cannot be closed over by an inner jit: evaluate inline instead
     inline = _holds_tracer(comp)
-    cache: dict[tuple, tuple[Plan, Callable]] = {}
+    cache: dict[tuple[Any, ...], tuple[Plan, Callable[..., Any]]] = {}
 
-    def prepare(args: tuple, kwargs: dict) -> tuple:
+    def prepare(
+        args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[int, ...], Callable[..., Any], tuple[Any, ...], tuple[Any, ...], list[Any], bool]:
         resolved = _check_argnums(nums, len(args))
         bound, dynamic, static_key = bind_static(fn, args, kwargs, resolved)
         inputs = flat_inputs(dynamic, resolved)
@@ -528,10 +536,17 @@ def transform(
         empty = bool(explained) and all(math.prod(np.shape(leaf)) == 0 for leaf in explained)
         return resolved, bound, dynamic, static_key, inputs, empty
 
-    def lookup(resolved, bound, dynamic, static_key, inputs) -> tuple[Plan, Callable]:
+    def lookup(
+        resolved: tuple[int, ...],
+        bound: Callable[..., Any],
+        dynamic: tuple[Any, ...],
+        static_key: tuple[Any, ...],
+        inputs: list[Any],
+    ) -> tuple[Plan, Callable[..., Any]]:
         key = (static_key, _signature(inputs), resolved)
         if key not in cache:
-            the_plan = _build_plan(bound, comp, dynamic, resolved)
+            # (called only with a composite: relevance_fn and plan_for return before without one)
+            the_plan = _build_plan(bound, cast(C.Composite, comp), dynamic, resolved)
             if len(cache) >= _CACHE_SIZE:
                 cache.pop(next(iter(cache)))
             # evaluated as one jitted program: eager calls compile once instead of dispatching (and
@@ -552,7 +567,7 @@ def transform(
         outs = run(inputs)
         return jax.tree_util.tree_unflatten(the_plan.out_tree, outs)
 
-    def plan_for(*args: Any, **kwargs: Any) -> tuple[Plan, list] | None:
+    def plan_for(*args: Any, **kwargs: Any) -> tuple[Plan, list[Any]] | None:
         if comp is None:
             return None
         resolved, bound, dynamic, static_key, inputs, empty = prepare(args, kwargs)
@@ -564,13 +579,21 @@ def transform(
     return relevance_fn
 
 
+class _RelevanceFunction(Protocol):
+    """What :func:`transform` returns: ``fn`` with relevance as its VJP, with a ``plan_for`` attribute."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def plan_for(self, *args: Any, **kwargs: Any) -> tuple[Plan, list[Any]] | None: ...
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _cached_transform(fn: Callable, composite: Any, argnums: Any) -> Callable:
+def _cached_transform(fn: Callable[..., Any], composite: Any, argnums: Any) -> Callable[..., Any]:
     return transform(fn, composite, argnums=argnums)
 
 
 def explain(
-    fn: Callable,
+    fn: Callable[..., Any],
     *args: Any,
     target: Any = None,
     composite: C.Composite | R.Rule | None = None,
@@ -622,7 +645,7 @@ def explain(
         with jax.ensure_compile_time_eval():
             if check_finite is not False:
                 check_finite_inputs(args, nums)
-            entry = f.plan_for(*args)
+            entry = cast(_RelevanceFunction, f).plan_for(*args)
             if entry is not None:
                 warn_outside_box(*entry)
     elif check_finite:
@@ -640,8 +663,8 @@ def explain(
 
 
 def _explain_probed(
-    fn: Callable,
-    args: tuple,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
     target: Any,
     composite: Any,
     argnums: Any,
@@ -661,7 +684,7 @@ def _explain_probed(
     probed = (*the_plan.seeds, *the_plan.taps)
     probes = {v: jnp.zeros(avals[v].shape, avals[v].dtype) for _, v in probed}
 
-    def run(explained, probes):
+    def run(explained: list[Any], probes: dict[int, Any]) -> Any:
         values = iter(explained)
         full = [next(values) if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
         outs = evaluate(the_plan, full, value_probes=probes)
@@ -670,6 +693,7 @@ def _explain_probed(
     y, vjp = jax.vjp(run, explained, probes)
     r_explained, r_probes = vjp(target_cotangent(y, target))
     tapped = {name: r_probes[v] for name, v in the_plan.taps}
+    relevance: Any  # a dict of seeds' relevance, or the explained arguments'
     if seeds:
         relevance = {name: r_probes[v] for name, v in the_plan.seeds}
     else:
@@ -685,7 +709,7 @@ def _explain_probed(
     return (relevance, y, tapped) if taps else (relevance, y)
 
 
-def _transform_for(fn: Callable, composite: Any, argnums: Any) -> Callable:
+def _transform_for(fn: Callable[..., Any], composite: Any, argnums: Any) -> Callable[..., Any]:
     """``transform(fn, composite, argnums=argnums)``, shared between calls when everything is
     hashable and the composite holds no tracer (a cached tracer would outlive its trace)."""
     try:
@@ -697,7 +721,7 @@ def _transform_for(fn: Callable, composite: Any, argnums: Any) -> Callable:
     return _cached_transform(fn, composite, argnums)
 
 
-def from_nnx(module: Any) -> tuple[Callable, Any]:
+def from_nnx(module: Any) -> tuple[Callable[..., Any], Any]:
     """Split a Flax NNX module into ``(apply_fn, state)`` with ``apply_fn(state, *inputs) = module(*inputs)``.
 
     Use it as ``f = transform(apply_fn, composite)`` and ``f(state, x)``; the module itself is not

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -201,7 +201,7 @@ class AttentionUnit(Unit):
             r_q, found = one_block(0)
         else:
 
-            def step(carry, i):
+            def block_step(carry: dict[int, Any], i: Any) -> tuple[dict[int, Any], Any]:
                 r_q, found = one_block(i * block)
                 return {v: carry[v] + found[v].astype(carry[v].dtype) for v in carry}, r_q
 
@@ -210,9 +210,9 @@ class AttentionUnit(Unit):
                 v: jnp.zeros(jnp.shape(env[v]), jnp.promote_types(jnp.result_type(env[v]), jnp.float32))
                 for v in dict.fromkeys(full_data)
             }
-            found, blocks = jax.lax.scan(step, init, jnp.arange(n))
+            found, blocks = jax.lax.scan(block_step, init, jnp.arange(n))
             found = {v: r.astype(jnp.result_type(env[v])) for v, r in found.items()}
-            axis = self.query_axis
+            axis = cast(int, self.query_axis)  # n > 1 blocks: the rows have an axis in the query
             r_q = jnp.moveaxis(blocks, 0, axis)
             shape = list(r_q.shape)
             r_q = r_q.reshape(shape[:axis] + [shape[axis] * shape[axis + 1]] + shape[axis + 2 :])
@@ -441,7 +441,8 @@ def _match(softmax: IslandUnit, defining, sole_user, analysis: Analysis, block: 
     row_axis = max(candidates, key=lambda a: (shape[a], a)) if candidates else None
     query_axis = output_axis = None
     if row_axis is not None:
-        query_axis = _operand_axis_of(scores.equation, row_axis)[1]
+        # a candidate row axis is one of the query operand (its side is not None)
+        query_axis = cast(tuple[int, int], _operand_axis_of(scores.equation, row_axis))[1]
         output_axis = _output_axis_of(values.equation, weights_position, row_axis)
         if output_axis is None:
             row_axis = query_axis = None

@@ -65,6 +65,7 @@ def _jitted(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        static: list[tuple[str, Any]] | tuple[tuple[str, Any], ...]
         static = []
         for name in sorted(kwargs):
             if name in _STATIC:
@@ -143,7 +144,8 @@ def _like(explained: tuple, value: Any, single: bool) -> tuple:
         return _tree_map(lambda x: jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape), explained)
     if single:
         value = (value,)
-    if jax.tree_util.tree_structure(value) != jax.tree_util.tree_structure(explained):
+    # PyTreeDef comes from a compiled module without type information: mypy sees no __ne__
+    if jax.tree_util.tree_structure(value) != jax.tree_util.tree_structure(explained):  # type: ignore[operator]
         raise ValueError(
             "a baseline/root must be None, one array broadcastable to every explained input, or a "
             "pytree with the structure of the explained argument(s)"

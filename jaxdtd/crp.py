@@ -44,8 +44,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +117,7 @@ def concept_relevance(relevance: jax.Array, abs_norm: bool = False, batch_axes: 
 
 
 # --- conditions -----------------------------------------------------------------------------------
-def _channel_mask(entry: tuple, shape: tuple[int, ...], key: str) -> np.ndarray:
+def _channel_mask(entry: tuple[Any, ...], shape: tuple[int, ...], key: str) -> np.ndarray:
     """The mask of one layer's (frozen) condition entry for one sample of ``shape`` (channel last):
     ``("channels", (c, ...))``, or ``("neurons", ((c, n), ...))`` with ``n`` a flat position."""
     channels = shape[-1]
@@ -158,7 +158,7 @@ def _one_value(the_plan: Plan, pattern: str, what: str) -> tuple[str, int]:
 
 # --- attribution ----------------------------------------------------------------------------------
 def attribute(
-    fn: Callable,
+    fn: Callable[..., Any],
     *args: Any,
     conditions: Sequence[Mapping[str, Any]],
     composite: C.Composite | R.Rule | None = None,
@@ -206,6 +206,7 @@ def attribute(
     if _holds_tracer(comp):  # traced hyper-parameters (ZBox bounds under jit): evaluated inline
         return _attribute(bound, comp, spec, dynamic, labels, masks)
     key = (fn, comp, spec, static_key)
+    program: Callable[..., Attribution] | None
     try:
         hash(key)
     except TypeError:  # an unhashable function or composite: compiled for this call only
@@ -221,10 +222,10 @@ def attribute(
 
 
 def _condition_shapes(
-    fn: Callable,
+    fn: Callable[..., Any],
     comp: C.Composite,
-    bound: Callable,
-    dynamic: tuple,
+    bound: Callable[..., Any],
+    dynamic: tuple[Any, ...],
     nums: tuple[int, ...],
     keys: tuple[str, ...],
     start: str | None,
@@ -235,7 +236,8 @@ def _condition_shapes(
     if not keys:
         return {}
     leaves = jax.tree_util.tree_leaves(dynamic)
-    cache_key: tuple | None = (fn, comp, keys, start, nums, static_key, _signature(leaves))
+    cache_key: tuple[Any, ...] | None
+    cache_key = (fn, comp, keys, start, nums, static_key, _signature(leaves))
     try:
         found = _SHAPES.get(cache_key)
     except TypeError:  # unhashable
@@ -252,7 +254,7 @@ def _condition_shapes(
 
 
 def _condition_masks(
-    frozen: tuple, keys: tuple[str, ...], shapes: dict[str, tuple[int, ...]], paired: bool
+    frozen: tuple[Any, ...], keys: tuple[str, ...], shapes: dict[str, tuple[int, ...]], paired: bool
 ) -> dict[str, np.ndarray]:
     """Per condition key, the masks of all conditions ``(K, *sample_shape)`` (ones where a condition
     does not name the key); with ``paired`` ``(1, N, *sample_shape)``, sample ``i`` under condition
@@ -277,17 +279,17 @@ def _condition_masks(
 
 
 #: layer shapes of condition keys, by (fn, composite, keys, start, argnums, static part, signature)
-_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
+_SHAPES: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
 
 
 # jitted attribution programs by (fn, composite, conditions, static arguments): an eager call
 # compiles once per input signature instead of dispatching every primitive of the model
-_PROGRAMS: dict[tuple, Callable] = {}
+_PROGRAMS: dict[tuple[Any, ...], Callable[..., Attribution]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    targets: tuple  # per condition its y (see _freeze); the masks are arguments
+    targets: tuple[Any, ...]  # per condition its y (see _freeze); the masks are arguments
     keys: tuple[str, ...]  # the condition keys, in order
     record: tuple[str, ...]
     start: str | None
@@ -297,13 +299,14 @@ class _Spec:
     single: bool  # argnums was an int
 
 
-def _freeze(conditions: Sequence[Mapping[str, Any]]) -> tuple[tuple, list[Any]]:
+def _freeze(conditions: Sequence[Mapping[str, Any]]) -> tuple[tuple[Any, ...], list[Any]]:
     """Conditions as hashable values, and the per-sample label arrays they refer to.  ``y`` becomes
     ``("argmax",)``, ``("classes", (k, ...))`` or ``("labels", i)`` (the ``i``-th array); a layer's
     entry ``("channels", (c, ...))`` or ``("neurons", ((c, n), ...))``."""
-    frozen, labels = [], []
+    frozen: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+    labels: list[jax.Array] = []
     for cond in conditions:
-        y: tuple = ("argmax",)
+        y: tuple[Any, ...] = ("argmax",)
         if OUTPUT in cond:
             target = cond[OUTPUT]
             if isinstance(target, (jax.Array, np.ndarray)) and np.ndim(target) <= 1:  # traced or per sample
@@ -323,7 +326,7 @@ def _freeze(conditions: Sequence[Mapping[str, Any]]) -> tuple[tuple, list[Any]]:
     return tuple(frozen), labels
 
 
-def _output_cotangent(y_spec: tuple, y: jax.Array, labels: Sequence[Any]) -> jax.Array:
+def _output_cotangent(y_spec: tuple[Any, ...], y: jax.Array, labels: Sequence[Any]) -> jax.Array:
     """The cotangent at the output for one condition: multi-hot on its classes, one-hot on each
     sample's label, or on each sample's arg-max class."""
     classes = y.shape[-1]
@@ -351,7 +354,12 @@ def _output_cotangent(y_spec: tuple, y: jax.Array, labels: Sequence[Any]) -> jax
 
 
 def _attribute(
-    bound: Callable, comp: C.Composite, spec: _Spec, dynamic: tuple, labels: list, masks_by_key: dict
+    bound: Callable[..., Any],
+    comp: C.Composite,
+    spec: _Spec,
+    dynamic: tuple[Any, ...],
+    labels: list[Any],
+    masks_by_key: dict[str, Any],
 ) -> Attribution:
     """The traced body of :func:`attribute` (``dynamic``: the array arguments; ``masks_by_key``:
     :func:`_condition_masks`)."""
@@ -377,7 +385,7 @@ def _attribute(
     explained = [leaf for leaf, m in zip(leaves, explained_mask, strict=True) if m]
     probes = {v: jnp.zeros(avals[v].shape, avals[v].dtype) for v in record_vars}
 
-    def run(explained, probes, masks):
+    def run(explained: list[Any], probes: dict[int, Any], masks: dict[int, Any]) -> tuple[Any, list[Any]]:
         values = iter(explained)
         full = [next(values) if m else leaf for leaf, m in zip(leaves, explained_mask, strict=True)]
         outs, acts = evaluate(the_plan, full, value_probes=probes, value_masks=masks, record=record_vars)
@@ -394,7 +402,7 @@ def _attribute(
         cotangents = jnp.diagonal(cotangents, axis1=0, axis2=1)
         cotangents = jnp.moveaxis(cotangents, -1, 0)[None]
 
-    def one(mask_and_cotangent):
+    def one(mask_and_cotangent: tuple[dict[int, Any], jax.Array]) -> Any:
         masks_k, ct = mask_and_cotangent
         _, vjp, _ = jax.vjp(lambda e, p: run(e, p, masks_k), explained, probes, has_aux=True)
         return vjp(ct)
@@ -422,7 +430,7 @@ def _attribute(
 
 
 def top_concepts(
-    fn: Callable,
+    fn: Callable[..., Any],
     *args: Any,
     layer: str,
     target: Any = None,
@@ -467,7 +475,7 @@ class ConceptAtlas:
 
     def reference_heatmaps(
         self,
-        fn: Callable,
+        fn: Callable[..., Any],
         variables: Any,
         data: Any,
         layer: str,
@@ -521,13 +529,13 @@ def _merge(
         values = np.concatenate([values, old.values])
         neurons = np.concatenate([neurons, old.neurons])
     order = np.argsort(-values, axis=0, kind="stable")[:count]
-    take = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
+    take: Callable[[np.ndarray], np.ndarray] = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
     return Ranking(samples=take(samples), values=take(values), neurons=take(neurons))
 
 
 def _atlas_step(
-    fn: Callable, composite: Any, layers: tuple[str, ...], max_target: str, abs_norm: bool
-) -> Callable:
+    fn: Callable[..., Any], composite: Any, layers: tuple[str, ...], max_target: str, abs_norm: bool
+) -> Callable[..., Any]:
     """The jitted per-batch step of :func:`concept_atlas`, shared between calls with the same
     arguments when they are hashable (a new closure would compile anew on every call)."""
     try:
@@ -538,10 +546,10 @@ def _atlas_step(
 
 
 def _make_atlas_step(
-    fn: Callable, composite: Any, layers: tuple[str, ...], max_target: str, abs_norm: bool
-) -> Callable:
+    fn: Callable[..., Any], composite: Any, layers: tuple[str, ...], max_target: str, abs_norm: bool
+) -> Callable[..., Any]:
     @jax.jit
-    def step(variables, x, labels):
+    def step(variables: Any, x: Any, labels: Any) -> dict[str, Any]:
         result = attribute(
             fn, variables, x, conditions=[{OUTPUT: labels}], composite=composite, record=layers
         )
@@ -560,7 +568,7 @@ _cached_atlas_step = functools.lru_cache(maxsize=16)(_make_atlas_step)
 
 
 def concept_atlas(
-    fn: Callable,
+    fn: Callable[..., Any],
     variables: Any,
     data: Iterable[tuple[Any, Any]],
     layers: Sequence[str],
@@ -587,7 +595,7 @@ def concept_atlas(
     relevance: dict[str, Ranking] = {}
     activation: dict[str, Ranking] = {}
     offset, size = 0, None
-    total = len(data) if hasattr(data, "__len__") else None
+    total = len(cast(Sized, data)) if hasattr(data, "__len__") else None
     for x, labels in tqdm(data, total=total, disable=not progress, desc="concept atlas"):
         x, labels = np.asarray(x), np.asarray(labels)
         n = len(labels)

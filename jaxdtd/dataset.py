@@ -25,7 +25,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,8 @@ __all__ = ["explain_dataset", "sharded_explain"]
 
 
 def sharded_explain(
-    fn: Callable, composite: C.Composite | R.Rule | None, *, argnums: int = 1, target: Any = None
-) -> Callable:
+    fn: Callable[..., Any], composite: C.Composite | R.Rule | None, *, argnums: int = 1, target: Any = None
+) -> Callable[..., Any]:
     """A jitted ``(variables, x) -> (relevance, output)`` that keeps ``x``'s sharding.
 
     Relevance and output are constrained to the sharding of the batch along its first axis, so a
@@ -122,7 +122,7 @@ class _PartialNpy:
         self.file.close()
 
 
-def _save_progress(path: str, state: dict) -> None:
+def _save_progress(path: str, state: dict[str, Any]) -> None:
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
         json.dump(state, f)
@@ -132,7 +132,7 @@ def _save_progress(path: str, state: dict) -> None:
     _fsync_dir(path)
 
 
-def _load_progress(path: str) -> dict | None:
+def _load_progress(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             state = json.load(f)
@@ -167,7 +167,7 @@ def _check_labels(labels: Any, classes: int, first: int, k: int) -> None:
 
 
 def explain_dataset(
-    fn: Callable,
+    fn: Callable[..., Any],
     variables: Any,
     batches: Iterable[Any],
     *,
@@ -207,9 +207,9 @@ def explain_dataset(
     offset = 0
     partial, progress_path = (None, None) if out is None else (out + ".partial", out + ".progress.json")
     state = None
-    if out is not None:
-        state = _load_progress(progress_path) if resume else None
-        if state is not None and not os.path.exists(partial):
+    if out is not None:  # then partial and progress_path are paths (str), not None
+        state = _load_progress(cast(str, progress_path)) if resume else None
+        if state is not None and not os.path.exists(cast(str, partial)):
             state = None
         if (
             state is not None
@@ -222,13 +222,15 @@ def explain_dataset(
                 "or pass resume=False"
             )
         if state is None:
-            for stale in (partial, progress_path):
+            for stale in cast(tuple[str, str], (partial, progress_path)):
                 if os.path.exists(stale):
                     os.remove(stale)
     done_batches: list[int] = list(state["batches"]) if state else []
     writer: _PartialNpy | None = None
-    if state is not None:
-        writer = _PartialNpy(partial, tuple(state["row_shape"]), state["dtype"], rows=int(state["done"]))
+    if state is not None:  # (only with out, so partial is a path)
+        writer = _PartialNpy(
+            cast(str, partial), tuple(state["row_shape"]), state["dtype"], rows=int(state["done"])
+        )
     total = num_samples
     sizes: list[int] = []
     bar = None
@@ -242,11 +244,12 @@ def explain_dataset(
                 except TypeError:
                     total = None
             if k < len(done_batches):  # explained before the interruption
-                if n != done_batches[k] or tuple(np.shape(x)[1:]) != writer.row_shape:
+                resumed = cast(_PartialNpy, writer)  # opened above from the progress record
+                if n != done_batches[k] or tuple(np.shape(x)[1:]) != resumed.row_shape:
                     raise ValueError(
                         f"explain_dataset: cannot resume {partial}: batch {k} has shape {np.shape(x)}, "
                         f"the interrupted run's batch {k} had {done_batches[k]} samples of shape "
-                        f"{writer.row_shape}; iterate the same batches, or pass resume=False"
+                        f"{resumed.row_shape}; iterate the same batches, or pass resume=False"
                     )
                 offset += n
                 sizes.append(n)
@@ -267,7 +270,7 @@ def explain_dataset(
             relevance = np.asarray(relevance)
             if out is not None:
                 if writer is None:
-                    writer = _PartialNpy(partial, relevance.shape[1:], relevance.dtype)
+                    writer = _PartialNpy(cast(str, partial), relevance.shape[1:], relevance.dtype)
                 elif relevance.shape[1:] != writer.row_shape or relevance.dtype != writer.dtype:
                     raise ValueError(
                         f"explain_dataset: batch {k} gives relevance of shape {relevance.shape[1:]} and "
@@ -277,7 +280,7 @@ def explain_dataset(
                 writer.append(relevance)
                 sizes.append(n)
                 _save_progress(
-                    progress_path,
+                    cast(str, progress_path),
                     {
                         "format": _PROGRESS_FORMAT,
                         "done": writer.rows,
@@ -309,7 +312,7 @@ def explain_dataset(
             bar.close()
         if writer is not None:
             writer.close()
-    os.replace(partial, out)
+    os.replace(cast(str, partial), out)
     _fsync_dir(out)
-    os.remove(progress_path)
+    os.remove(cast(str, progress_path))
     return np.lib.format.open_memmap(out, mode="r+")

@@ -195,7 +195,7 @@ def run(
     target = jnp.argmax(logits, -1)
     score = jnp.take_along_axis(logits, target[:, None], -1)[:, 0]
     positive = score > 0
-    flip = {"region": 1, "perturbation": "uniform", "low": 0.0, "high": 1.0, "repetitions": 4}
+    flip: dict[str, Any] = {"region": 1, "perturbation": "uniform", "low": 0.0, "high": 1.0, "repetitions": 4}
     key = jax.random.PRNGKey(0)
     methods: dict[str, dict[str, Any]] = {}
     curves: dict[str, np.ndarray] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -64,7 +65,7 @@ def run(
         top = np.argsort(row)[::-1][:3]
         print(f"  {name:<10} " + ", ".join(f"{names[i]} {row[i]:.2f}" for i in top))
     shown = ((np.asarray(x) - E.INPUT_LOW) / (E.INPUT_HIGH - E.INPUT_LOW) * 255).clip(0, 255).astype(np.uint8)
-    flip = {
+    flip: dict[str, Any] = {
         "region": region, "steps": flip_steps, "perturbation": "uniform",
         "low": E.INPUT_LOW, "high": E.INPUT_HIGH, "key": jax.random.PRNGKey(0),
     }  # fmt: skip
@@ -72,7 +73,7 @@ def run(
     curves: dict[str, np.ndarray] = {}
     results: dict[str, dict[str, Any]] = {}
     print(f"\n{'method':<24} {'AOPC':>7} {'sum R / f_c (median)':>21} {'seconds':>8}")
-    attributions = {
+    attributions: dict[str, Callable[[Any, Any], Any]] = {
         label: jax.jit(lambda v, x, c=comp: explain(model.apply, v, x, target=target, composite=c))
         for label, comp in methods(E.INPUT_LOW, E.INPUT_HIGH).items()
     }
@@ -119,8 +120,8 @@ def run(
         "| method | AOPC | median sum R / f_c |", "|---|---:|---:|",
     ]  # fmt: skip
     for label, r in results.items():
-        ratio = "-" if r["conservation"] is None else f"{r['conservation']:.3f}"
-        lines.append(f"| {label} | {r['aopc']:.3f} | {ratio} |")
+        shown_ratio = "-" if r["conservation"] is None else f"{r['conservation']:.3f}"
+        lines.append(f"| {label} | {r['aopc']:.3f} | {shown_ratio} |")
     (folder / "imagenet_report.md").write_text("\n".join(lines) + "\n")
     print(
         f"\ncolumns: photo, {', '.join(attributions)}; wrote imagenet_heatmaps.png, "

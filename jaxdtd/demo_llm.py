@@ -19,7 +19,7 @@ import json
 import pathlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -122,14 +122,19 @@ def run(
     tok = smollm2.tokenizer()
     context = prompt if raw else tok.chat([{"role": "user", "content": prompt}])
     prompt_ids = tok.encode(context)
-    ids = generation.generate(
-        model.apply, variables, prompt_ids, max_new_tokens, stop_ids=(tok.eos_token_id,)
-    )
+    # (flax types apply's result as Any | tuple: the tuple is for mutable collections)
+    apply = cast(Callable[[Any, jax.Array], jax.Array], model.apply)
+    ids = generation.generate(apply, variables, prompt_ids, max_new_tokens, stop_ids=(tok.eos_token_id,))
     P = len(prompt_ids)
     E = model.apply(variables, ids[None], method=Llama.embed)
     t0 = time.perf_counter()
     explanation = generation.explain_generation(
-        lambda v, e: model.apply(v, e, method=Llama.from_embeddings), variables, E, ids, P, make()
+        lambda v, e: cast(jax.Array, model.apply(v, e, method=Llama.from_embeddings)),
+        variables,
+        E,
+        ids,
+        P,
+        make(),
     )
     jax.block_until_ready(explanation.relevance)
     seconds_explain = time.perf_counter() - t0
@@ -137,7 +142,8 @@ def run(
     pieces = [tok.decode([int(i)]) for i in ids]
     labels = text.readable_tokens(pieces)
     answer = tok.decode([int(i) for i in ids[P:]])
-    rows_out, html_rows = [], []
+    rows_out: list[dict[str, Any]] = []
+    html_rows = []
     for k, (token_id, logit) in enumerate(zip(explanation.generated, explanation.logits, strict=True)):
         position = P + k
         r = explanation.relevance[k, :position]

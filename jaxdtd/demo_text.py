@@ -21,7 +21,7 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +181,10 @@ def run(
     E = module.apply(
         variables, jnp.asarray(batch.input_ids), jnp.asarray(batch.token_type_ids), method=Bert.embed
     )
-    pooled = module.apply(variables, E, jnp.asarray(batch.attention_mask), method=Bert.from_embeddings)
+    # (flax types apply's result as Any | tuple: the tuple is for mutable collections)
+    pooled = cast(
+        jax.Array, module.apply(variables, E, jnp.asarray(batch.attention_mask), method=Bert.from_embeddings)
+    )
     reference = pooled[partner]
     scores = np.asarray((pooled * reference).sum(-1), np.float64)
     unit = np.asarray(pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True), np.float64)
@@ -196,7 +199,7 @@ def run(
         per_token[name] = text.token_relevance(R, batch.attention_mask)
         seconds[name] = time.perf_counter() - t0
 
-    report_pairs = []
+    report_pairs: list[dict[str, Any]] = []
     rows: list[tuple[str, list[str], np.ndarray]] = []
     for p, (a, b) in enumerate(pairs):
         sides = []

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,7 @@ def gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
         return x
     radius = max(1, math.ceil(3 * sigma))
     t = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
+    k: np.ndarray | jax.Array = np.exp(-0.5 * (t / sigma) ** 2)
     k = jnp.asarray(k / k.sum(), x.dtype)
     c = x.shape[-1]
     padded = jnp.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
@@ -223,7 +223,7 @@ def _curve(
         if random_order:
             ranks = _pixel_ranks(u[:n_order].reshape(n, n_tiles), h, w, region)
         else:
-            ranks = fixed_ranks
+            ranks = cast(jax.Array, fixed_ranks)  # computed above for every order but random
         noise = u[n_order:].reshape(x4.shape) if n_noise else None
         replacement = _replacement(x4, perturbation, noise, low, high, blur_sigma, region)
 
@@ -305,7 +305,7 @@ def region_perturbation(
         raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
     if int(region) < 1:
         raise ValueError(f"region must be a positive number of pixels, got {region}")
-    static = dict(
+    static: dict[str, Any] = dict(
         nums=nums,
         region=int(region),
         steps=None if steps is None else int(steps),
@@ -315,6 +315,7 @@ def region_perturbation(
         blur_sigma=None if blur_sigma is None else float(blur_sigma),
         batch_size=None if batch_size is None else int(batch_size),
     )
+    run: Callable[..., jax.Array]
     try:
         hash(fn)
         run = _curve_jit

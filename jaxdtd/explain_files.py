@@ -30,7 +30,7 @@ import pathlib
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +189,7 @@ def explain_images(
 
     @jax.jit
     def step(variables, x):
-        logits = model.apply(variables, x)
+        logits = cast(jax.Array, model.apply(variables, x))  # (flax types apply's result as Any | tuple)
         classes = jax.lax.top_k(logits, top_k)[1]  # (B, k), most probable first
         # one relevance pass for all B * k (image, class) pairs
         repeated = jnp.repeat(x, top_k, axis=0)

@@ -83,7 +83,7 @@ class AffineLayer:
         by the convolution with the rest: the same values, but a transpose without the negative
         padding that XLA:CPU computes wrong (openxla/xla#48713), so the relevance stays exact."""
         eqn = self.linear
-        operands = [None, None]
+        operands: list[Any] = [None, None]
         operands[self.data_position], operands[1 - self.data_position] = x, kernel
         excess = _padding_beyond_reach(eqn) if eqn.name == "conv_general_dilated" else None
         if not excess:
@@ -148,7 +148,7 @@ class AffineLayer:
 
 #: for each dimension of a view of a layer's output, the set of output dimensions it is made of (a
 #: transpose moves them, a reshape merges or splits them); ``None``: a view that is not tracked
-Layout = tuple  # tuple[frozenset[int], ...] | None
+Layout = tuple[frozenset[int], ...] | None
 
 
 def _reshape_groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[frozenset[int]]:
@@ -567,7 +567,7 @@ def _param_path(atom: Any, producer: dict[int, Equation], leaf_names: dict[int, 
             return leaf_names[atom]
         eqn = producer.get(atom)
         info = lookup(eqn.primitive) if eqn is not None else None
-        if info is None or not info.weight_view:
+        if eqn is None or info is None or not info.weight_view:
             return ""
         atom = eqn.invars[0]
     return ""

@@ -14,7 +14,7 @@ import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,9 @@ def _rule_name(rule: R.Rule | None) -> str:
     return "Gradient()" if rule is None else repr(rule)
 
 
-def _plan(fn: Callable, args: tuple, composite: Any, argnums: Any) -> tuple[Plan, tuple[int, ...]]:
+def _plan(
+    fn: Callable[..., Any], args: tuple[Any, ...], composite: Any, argnums: Any
+) -> tuple[Plan, tuple[int, ...]]:
     comp = C.as_composite(composite) or C.Composite()
     resolved = _check_argnums(_normalize_argnums(argnums), len(args))
     bound, dynamic, _ = bind_static(fn, args, {}, resolved)  # static arguments as transform has them
@@ -105,7 +107,10 @@ def _plan(fn: Callable, args: tuple, composite: Any, argnums: Any) -> tuple[Plan
 
 
 def describe(
-    fn: Callable, *args: Any, composite: C.Composite | R.Rule | None = None, argnums: int | Sequence[int] = 1
+    fn: Callable[..., Any],
+    *args: Any,
+    composite: C.Composite | R.Rule | None = None,
+    argnums: int | Sequence[int] = 1,
 ) -> Description:
     """Trace ``fn(*args)`` and report its affine layers and the rules ``composite`` assigns.
 
@@ -155,9 +160,9 @@ def _describe_plan(the_plan: Plan) -> Description:
         for unit in the_plan.units
         if isinstance(unit, ScanUnit)
     )
-    merged = Counter()
-    for (name, rule, _), n in counts.items():
-        merged[(name, rule)] += n
+    merged: Counter[tuple[str, str]] = Counter()
+    for (name, rule_name, _), n in counts.items():
+        merged[(name, rule_name)] += n
     operations = tuple((name, rule, n) for (name, rule), n in merged.items())
     reasons = tuple((name, rule, why, n) for (name, rule, why), n in counts.items())
     return Description(tuple(rows), operations, reasons)
@@ -188,7 +193,7 @@ class Ledger:
 
     @property
     def absorbed(self) -> np.ndarray:
-        return self.entering - self.leaving
+        return cast(np.ndarray, self.entering - self.leaving)  # (numpy types array arithmetic as Any)
 
     def __str__(self) -> str:
         lines = [f"initial relevance f_c(x): {np.array2string(self.output, precision=5)}"]
@@ -206,7 +211,7 @@ class Ledger:
 
 
 def ledger(
-    fn: Callable,
+    fn: Callable[..., Any],
     *args: Any,
     target: Any = None,
     composite: C.Composite | R.Rule | None = None,
@@ -234,7 +239,7 @@ def ledger(
         for layer, _, _ in the_plan.layer_rules
     ]
 
-    def run(explained, probes):
+    def run(explained: list[Any], probes: list[tuple[jax.Array, jax.Array]]) -> Any:
         full = list(leaves)
         full[offset : offset + count] = explained
         outs = evaluate(the_plan, full, probes)
@@ -245,7 +250,7 @@ def ledger(
     ct = target_cotangent(y, target)
     r_input, r_probes = vjp(ct)
 
-    def per_sample(a, axis=0):
+    def per_sample(a: Any, axis: int = 0) -> np.ndarray:
         a = jnp.asarray(a)
         return np.asarray(jnp.sum(a, axis=tuple(d for d in range(a.ndim) if d != axis)) if a.ndim > 1 else a)
 
@@ -281,7 +286,12 @@ def _changed_axis(before: tuple[int, ...], after: tuple[int, ...], batch: int) -
 
 
 def _probe_batch_axes(
-    bound: Callable, comp: C.Composite, dynamic: tuple, resolved: tuple[int, ...], the_plan: Plan, batch: int
+    bound: Callable[..., Any],
+    comp: C.Composite,
+    dynamic: tuple[Any, ...],
+    resolved: tuple[int, ...],
+    the_plan: Plan,
+    batch: int,
 ) -> list[tuple[int, int]] | None:
     """The batch axis of every layer's input and output: the axis whose size follows the batch
     when the function is traced again with ``batch + 1`` samples.  ``None`` when some array has no
@@ -302,7 +312,7 @@ def _probe_batch_axes(
         return None
     if len(other.layer_rules) != len(the_plan.layer_rules):
         return None
-    axes = []
+    axes: list[tuple[int, int]] = []
     for (a, _, _), (b, _, _) in zip(the_plan.layer_rules, other.layer_rules, strict=True):
         pair = tuple(
             _changed_axis(
@@ -314,11 +324,13 @@ def _probe_batch_axes(
         )
         if None in pair:
             return None
-        axes.append(pair)
+        axes.append(cast(tuple[int, int], pair))  # the input's and the output's axis, neither None
     return axes
 
 
-def _per_sample_backward(vjp: Callable, ct: Any, batch: int) -> tuple[list, list, np.ndarray]:
+def _per_sample_backward(
+    vjp: Callable[..., Any], ct: Any, batch: int
+) -> tuple[list[Any], list[Any], np.ndarray]:
     """Per-sample totals without a batch axis: backward passes of the cotangent masked to one
     sample at a time; column ``b`` is the relevance that originates from sample ``b``'s score."""
 

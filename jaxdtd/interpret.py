@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from .attention import AttentionUnit, fuse_attention
 from .composites import Composite
 from .errors import Problem, UnsupportedOperationError
 from .graph import AffineLayer, Analysis, ChainOp, analyse, chain_op, consumers_of, is_float
-from .primitives import Context, Unsupported, canonical_name, lookup
+from .primitives import Context, PrimitiveInfo, Unsupported, canonical_name, lookup
 from .recognize import find_gates, find_softmax, find_statistics
 from .trace import Constant, Equation, Program, flatten
 from .units import (
@@ -171,7 +171,7 @@ def _batch_statistics(eqn: Equation, analysis: Analysis, depth: int = 8) -> bool
     statistics of a batch, as in a BatchNorm in training mode)?"""
     frontier = [a for a in eqn.invars if analysis.is_data(a)]
     for _ in range(depth):
-        nxt = []
+        nxt: list[int] = []
         for v in frontier:
             producer = analysis.producer.get(v)
             if producer is None:
@@ -189,9 +189,12 @@ def _problem(eqn: Equation, analysis: Analysis, reason: str, fix: str = "") -> P
     )
 
 
-def _operation_rule(eqn: Equation, analysis: Analysis, composite: Composite) -> tuple[R.Rule, str] | Problem:
+def _operation_rule(
+    eqn: Equation, analysis: Analysis, composite: Composite
+) -> tuple[R.OperationRule, str] | Problem:
     ctx = Context(analysis.data_mask(eqn), analysis.dependent_mask(eqn))
     found = composite.operation_rule_for(eqn.name, eqn.name_stack)
+    rule: R.Rule | Unsupported | None
     rule, why = found if found is not None else (None, "registry")
     if rule is None:
         info = lookup(eqn.primitive)
@@ -206,6 +209,8 @@ def _operation_rule(eqn: Equation, analysis: Analysis, composite: Composite) -> 
         rule = info.relevance(eqn, ctx)
         if isinstance(rule, Unsupported):
             return _problem(eqn, analysis, rule.reason, rule.fix)
+    # an operation rule: Composite admits no other rule on operations, nor the registry
+    rule = cast(R.OperationRule, rule)
     if isinstance(rule, R.Uniform) and ctx.n_data > 1 and eqn.name not in _MULTILINEAR:
         return _problem(
             eqn,
@@ -266,7 +271,7 @@ def plan(
     covered: set[int] = set()
     problems: list[Problem] = []
 
-    layer_rules = []
+    layer_rules: list[tuple[AffineLayer, R.AffineRule | None, str]] = []
     for layer in analysis.layers:
         if layer.last_equation.index in cuts:  # its output is a constant: its equations are bound as is
             continue
@@ -278,7 +283,8 @@ def plan(
                 rule.validate_input(layer.input_shape, f"layer '{layer.module_path}' ({layer.param_path})")
         else:
             rule, why = None, "no relevance reaches it"
-        layer_rules.append((layer, rule, why))
+        # an affine rule or None now: the composite gives a layer an affine or an operation rule
+        layer_rules.append((layer, cast(R.AffineRule | None, rule), why))
         covered.update(e.index for e in (layer.linear, *(op.equation for op in layer.chain)))
 
     excluded = covered | cuts
@@ -291,9 +297,13 @@ def plan(
             or not all(analysis.is_data(v) for eqn in match.members[-1:] for v in eqn.invars)
         ):
             continue
+        found: tuple[R.Rule, str] | Problem | None
         found = composite.operation_rule_for("softmax", match.members[-1].name_stack, unit="softmax")
         rule, why = found if found is not None else (_SOFTMAX_RULE, "softmax (AttnLRP)")
-        unit = IslandUnit(match.members, match.input, match.output, rule, why, kind="softmax")
+        # the composite gives a softmax only an operation rule
+        unit: Unit = IslandUnit(
+            match.members, match.input, match.output, cast(R.OperationRule, rule), why, kind="softmax"
+        )
         units[match.members[-1].index] = unit
         covered.update(indices)
         excluded |= indices
@@ -313,11 +323,11 @@ def plan(
     for island in find_islands(program, analysis, live, excluded):
         found = composite.operation_rule_for("island", island.members[-1].name_stack, unit="island")
         if found is not None:
-            island = dataclasses.replace(island, rule=found[0], reason=found[1])
+            island = dataclasses.replace(island, rule=cast(R.OperationRule, found[0]), reason=found[1])
         units[island.members[-1].index] = island
         covered.update(eqn.index for eqn in island.members)
 
-    operation_rules: dict[int, R.Rule] = {}
+    operation_rules: dict[int, R.OperationRule] = {}
     reasons: dict[int, str] = {}
     batch_statistics = {
         eqn.index for eqn in find_statistics(program, analysis.producer, analysis.dependent, batch=True)
@@ -376,6 +386,7 @@ def plan(
     for layer, rule, why in layer_rules:
         unit = LayerUnit(layer, rule, why, positive_output_relevance=layer.index in vanishing)
         units[layer.last_equation.index] = unit
+    ordered: list[Unit] | tuple[Unit, ...]
     ordered = []
     for eqn in program.equations:
         if eqn.index in units:
@@ -547,8 +558,11 @@ def _cast_problem(eqn: Equation, analysis: Analysis, program: Program) -> list[P
             continue
         reaches.add(v)
         if v in outputs:
-            rule = lookup(eqn.primitive).relevance(
-                eqn, Context(analysis.data_mask(eqn), analysis.dependent_mask(eqn))
+            # the registry's classifier of a cast out of floating point: Unsupported
+            info = cast(PrimitiveInfo, lookup(eqn.primitive))
+            rule = cast(
+                Unsupported,
+                info.relevance(eqn, Context(analysis.data_mask(eqn), analysis.dependent_mask(eqn))),
             )
             return [_problem(eqn, analysis, rule.reason, rule.fix)]
         for consumer in analysis.consumers.get(v, []):

@@ -118,7 +118,8 @@ def find_softmax(program: Program, consumers: dict[int, list[Equation]], produce
         if total.invars[0] == g and _single_use(g, consumers, outputs, 2):  # e / e.sum()
             exps = [exp]
         else:  # exp(z) / exp(z).sum(): the exponential computed twice
-            twin = producer.get(_var(total.invars[0]))
+            t = _var(total.invars[0])
+            twin = None if t is None else producer.get(t)
             if (
                 twin is None
                 or twin.name != "exp"
@@ -134,7 +135,7 @@ def find_softmax(program: Program, consumers: dict[int, list[Equation]], produce
         if shift is not None and shift.name == "sub" and _single_use(z, consumers, outputs, len(exps)):
             a, e = (_var(b) for b in shift.invars)
             chain = None if a is None or e is None else _max_of(e, a, producer, consumers, outputs)
-            if chain is not None:
+            if chain is not None and a is not None:  # (a chain implies a is not None)
                 members = [*chain, shift, *members]
                 x = a
         members.sort(key=lambda m: m.index)
@@ -151,7 +152,7 @@ def _reductions_behind(eqn: Equation, producer: dict[int, Equation], dependent: 
     """The ``reduce_sum`` equations ``eqn``'s operand comes from within ``depth`` elementwise steps."""
     frontier, reductions = [eqn.invars[0]], []
     for _ in range(depth):
-        nxt = []
+        nxt: list[int] = []
         for v in frontier:
             p = producer.get(v)
             if p is None:

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -323,9 +323,9 @@ class ZBox(AffineRule):
             if np.any(low_a > high_a):
                 raise ValueError("ZBox: low must be <= high everywhere")
 
-    def _key(self) -> tuple:
+    def _key(self) -> tuple[Any, ...]:
         """Value identity of the bounds (so equal rules share caches); traced bounds by identity."""
-        parts = []
+        parts: list[Any] = []
         for bound in (self.low, self.high):
             if isinstance(bound, jax.core.Tracer):
                 parts.append(id(bound))
@@ -447,7 +447,9 @@ class Pass(OperationRule):
 
     is_identity: ClassVar[bool] = True
 
-    def relevance(self, f, inputs, output, relevance):
+    def relevance(
+        self, f: Callable[..., Array], inputs: Sequence[Array], output: Array, relevance: Array
+    ) -> tuple[Array, ...]:
         (x,) = inputs
         return (sum_to_shape(relevance, x.shape).astype(x.dtype),)
 
@@ -468,7 +470,9 @@ class Norm(OperationRule):
     def proportional_to_input(self) -> bool:
         return True
 
-    def relevance(self, f, inputs, output, relevance):
+    def relevance(
+        self, f: Callable[..., Array], inputs: Sequence[Array], output: Array, relevance: Array
+    ) -> tuple[Array, ...]:
         compute = _compute_dtype(relevance.dtype)
         s = safe_divide(relevance.astype(compute), stabilize(output.astype(compute), self.stabilizer))
         _, pullback = jax.vjp(f, *inputs)
@@ -503,7 +507,9 @@ class Uniform(OperationRule):
     def proportional_to_input(self) -> bool:
         return True
 
-    def relevance(self, f, inputs, output, relevance):
+    def relevance(
+        self, f: Callable[..., Array], inputs: Sequence[Array], output: Array, relevance: Array
+    ) -> tuple[Array, ...]:
         shares = Norm(self.stabilizer).relevance(f, inputs, output, relevance)
         return tuple((r / len(inputs)).astype(r.dtype) for r in shares)
 
@@ -518,7 +524,9 @@ class Gradient(OperationRule):
 
     is_gradient: ClassVar[bool] = True
 
-    def relevance(self, f, inputs, output, relevance):
+    def relevance(
+        self, f: Callable[..., Array], inputs: Sequence[Array], output: Array, relevance: Array
+    ) -> tuple[Array, ...]:
         _, pullback = jax.vjp(f, *inputs)
         return tuple(pullback(relevance))
 
@@ -575,7 +583,7 @@ def affine_relevance(
 
     scaled = {g: s.astype(relevance.dtype) for g, s in _scaled(rule, groups, output, relevance).items()}
 
-    result = None
+    result: Array = None  # the first branch's term (every rule has a branch)
     for branch, x_k, pullback in pullbacks:
         (g,) = pullback(scaled[branch.group])
         term = x_k * g
@@ -589,7 +597,7 @@ def _scaled(rule: AffineRule, groups: dict[int, Array], output: Array, relevance
     """``s_g = mask_g * R / stab(zhat_g)`` per denominator group, in at least float32."""
     # masks come from the layer's original output, bias included even with zero_bias (as zennit)
     masks = rule.masks(output)
-    scaled = {}
+    scaled: dict[int, Array] = {}
     for group, denominator in groups.items():
         s = safe_divide(relevance.astype(denominator.dtype), stabilize(denominator, rule.stabilizer))
         scaled[group] = s * masks[group] if masks is not None else s
@@ -606,6 +614,11 @@ def _combinable(rule: AffineRule, branches: Sequence[Branch], bias: Array | None
         if dropped and bias is not None and branch.combination[0] != 0.0:
             return False
     return True
+
+
+def _combination(branch: Branch) -> tuple[float, float]:
+    """``branch.combination``, set on every branch :func:`_combinable` accepts."""
+    return cast(tuple[float, float], branch.combination)
 
 
 def _combined_relevance(
@@ -633,18 +646,19 @@ def _combined_relevance(
     """
     compute = _compute_dtype(relevance.dtype)
     plus_kernel = positive(kernel)
-    need_plus = any(b.combination[1] != 0.0 for b in branches)
+    need_plus = any(_combination(b)[1] != 0.0 for b in branches)
     # x+ = x here; forming it anew lets XLA lay the convolution's input out when the backward
     # needs it instead of keeping a second layout of x alive from the forward pass (ResNet-50:
     # temp memory 1.7x -> 1.0x that of the gradient with the plain scheduler)
-    plus = linear(positive(x), plus_kernel).astype(compute) if need_plus else None
+    # None only when no branch has c != 0, so no branch reads it
+    plus: Array = linear(positive(x), plus_kernel).astype(compute) if need_plus else None
     bias_plus = None if bias is None else positive(bias).astype(compute)
     y = output.astype(compute)
     groups: dict[int, Array] = {}
     for branch in branches:
-        a, c = branch.combination
+        a, c = _combination(branch)
         keep_bias = not rule.zero_bias and branch.bias is not None and bias is not None
-        z_k = 0.0
+        z_k: Array = 0.0
         if a != 0.0:
             z_k = a * (y if (keep_bias or bias is None) else y - bias.astype(compute))
         if c != 0.0:
@@ -654,8 +668,8 @@ def _combined_relevance(
     scaled = _scaled(rule, groups, output, relevance)
     if len(scaled) == 1:
         (s,) = scaled.values()
-        a = sum(b.coefficient * b.combination[0] for b in branches)
-        c = sum(b.coefficient * b.combination[1] for b in branches)
+        a = sum(b.coefficient * _combination(b)[0] for b in branches)
+        c = sum(b.coefficient * _combination(b)[1] for b in branches)
         weights = kernel if c == 0.0 else plus_kernel if a == 0.0 else a * kernel + c * plus_kernel
         factor = a if c == 0.0 else c if a == 0.0 else 1.0
         if factor != 1.0:
@@ -666,7 +680,7 @@ def _combined_relevance(
     result = 0.0
     for part, weights in ((0, kernel), (1, plus_kernel)):
         terms = [
-            b.coefficient * b.combination[part] * scaled[b.group] for b in branches if b.combination[part]
+            b.coefficient * _combination(b)[part] * scaled[b.group] for b in branches if _combination(b)[part]
         ]
         if not terms:  # no branch uses these weights
             continue

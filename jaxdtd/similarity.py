@@ -47,14 +47,14 @@ def _explained_value(relevance: Any) -> jax.Array:
         if len(relevance) != 1:
             raise ValueError(f"bilrp: seeds must choose one value, they choose {list(relevance)}")
         (relevance,) = relevance.values()
-    leaves = jax.tree_util.tree_leaves(relevance)
+    leaves: list[jax.Array] = jax.tree_util.tree_leaves(relevance)
     if len(leaves) != 1:
         raise ValueError(f"bilrp: the explained argument must be one array, it has {len(leaves)} leaves")
     return leaves[0]
 
 
 def bilrp(
-    fn: Callable,
+    fn: Callable[..., Any],
     variables: Any,
     x: Any,
     x_prime: Any,
@@ -65,8 +65,8 @@ def bilrp(
     projection: int | None = None,
     key: jax.Array | None = None,
     seeds: Sequence[str] | None = None,
-    extra: tuple = (),
-    extra_prime: tuple = (),
+    extra: tuple[Any, ...] = (),
+    extra_prime: tuple[Any, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """The BiLRP matrix of ``s = <phi(x), phi(x')>`` and the similarity: ``(R, s)``.
 
@@ -87,7 +87,7 @@ def bilrp(
         width = jnp.shape(fn(variables, x, *extra))[-1]
         matrix = jax.random.normal(key, (width, projection)) / jnp.sqrt(projection)
 
-        def embed(variables, x, *rest):
+        def embed(variables: Any, x: Any, *rest: Any) -> Any:
             phi = fn(variables, x, *rest)
             return phi @ matrix.astype(phi.dtype)
 
@@ -103,7 +103,7 @@ def bilrp(
     n_chunks = -(-dims // size)
     padded = jnp.arange(n_chunks * size).reshape(n_chunks, size)
 
-    def side(inputs, rest, m):
+    def side(inputs: Any, rest: tuple[Any, ...], m: jax.Array) -> jax.Array:
         target = jnp.full(phi.shape[:1], jnp.minimum(m, dims - 1), jnp.int32)
         relevance, _ = explain(
             embed, variables, inputs, *rest, target=target, composite=composite, seeds=seeds
@@ -111,7 +111,7 @@ def bilrp(
         features = reduce(_explained_value(relevance))
         return jnp.where(m < dims, features, 0)  # padded dimensions contribute nothing
 
-    def step(total, ms):
+    def step(total: jax.Array, ms: jax.Array) -> tuple[jax.Array, None]:
         r = jax.vmap(lambda m: side(x, extra, m))(ms)  # (chunk, N, F)
         r_prime = jax.vmap(lambda m: side(x_prime, extra_prime, m))(ms)
         return total + jnp.einsum("mnf,mng->nfg", r, r_prime), None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 from html import escape
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -367,7 +367,8 @@ def save_png(
     axis.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=image.colormap(cmap), vmin=0, vmax=1)
     axis.set_yticks([])
     axis.set_xticks([0, 127.5, 255], list(_LEGEND_TEXT[mode]), fontsize=fontsize * 0.65)
-    for tick, align in zip(axis.get_xticklabels(), ("left", "center", "right"), strict=True):
+    aligns: tuple[Literal["left", "center", "right"], ...] = ("left", "center", "right")
+    for tick, align in zip(axis.get_xticklabels(), aligns, strict=True):
         tick.set_horizontalalignment(align)  # keep the end labels inside the figure
     figure.text(
         (margin + bar_w + 3 * gap) / width, (bar_bottom + bar_h / 2) / height,

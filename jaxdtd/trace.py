@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -172,7 +173,7 @@ def _user_frame(source_info: Any) -> tuple[str | None, str | None]:
 
 def _created_in_library(source_info: Any) -> bool:
     traceback = getattr(source_info, "traceback", None)
-    frames = traceback.frames if traceback is not None else ()
+    frames: Sequence[Any] = traceback.frames if traceback is not None else ()
     return bool(frames) and any(d in frames[0].file_name for d in _LIBRARY_DIRS)
 
 

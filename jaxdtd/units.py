@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -265,7 +265,7 @@ class LayerUnit(Unit):
         return [self._with_rule(x, kernel, chain_values)]
 
     def _with_rule(self, x: Any, kernel: Any, chain_values: list[Any]) -> Any:
-        layer, rule = self.layer, self.rule
+        layer, rule = self.layer, cast(R.AffineRule, self.rule)  # evaluate comes here with a rule only
         views = [op for op in layer.chain if op.op == "view"]
 
         def linear(v, w):

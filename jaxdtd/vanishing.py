@@ -50,7 +50,7 @@ def layers_with_vanishing_negative_relevance(
     program: Program,
     analysis: Analysis,
     layer_rules: Mapping[int, R.Rule | None],
-    operation_rules: Mapping[int, R.Rule],
+    operation_rules: Mapping[int, R.OperationRule],
 ) -> frozenset[int]:
     """Indices of the affine layers whose output relevance is provably 0 wherever the output is
     ``<= 0`` (property ``N`` of the module docstring).

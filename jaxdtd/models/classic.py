@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -87,6 +87,7 @@ class LeNet(nn.Module):
         return nn.Dense(self.num_classes, name="fc3")(x)
 
 
+_VGG16_FEATURES: tuple[int | Literal["M"], ...]  # channels of each convolution, "M" a 2x2 max pool
 _VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 

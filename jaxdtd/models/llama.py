@@ -40,8 +40,8 @@ length).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -217,7 +217,7 @@ def causal_bias(length: int, attention_mask: Any = None, dtype: Any = jnp.float3
     keys are all masked (a left-padding position) gets the same score for every key, so its softmax is
     uniform, as in HF: no NaN.
     """
-    allowed = np.tril(np.ones((length, length), dtype=bool))[None, None]
+    allowed: np.ndarray | jax.Array = np.tril(np.ones((length, length), dtype=bool))[None, None]
     minimum = jnp.finfo(dtype).min  # jnp.finfo: also bfloat16
     if attention_mask is None:
         return np.where(allowed, 0.0, minimum).astype(dtype)
@@ -242,7 +242,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x: jax.Array, cos: Any, sin: Any, bias: Any) -> jax.Array:
         cfg = self.config
         batch, length, _ = x.shape
-        d = cfg.head_dim
+        d = cast(int, cfg.head_dim)  # an int once the config is made (LlamaConfig.__post_init__)
 
         def heads(name: str, n: int) -> jax.Array:
             y = nn.Dense(n * d, use_bias=False, name=name)(x)
@@ -292,8 +292,11 @@ class LlamaDecoderLayer(nn.Module):
 class _ScannedDecoderLayer(LlamaDecoderLayer):
     """:class:`LlamaDecoderLayer` as an ``nn.scan`` step: ``(x, cos, sin, bias) -> (x', None)``."""
 
+    # the (carry, output) pair nn.scan needs, from the same module (so the same parameter names)
     @nn.compact
-    def __call__(self, x: jax.Array, cos: Any, sin: Any, bias: Any) -> tuple[jax.Array, None]:
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, cos: Any, sin: Any, bias: Any
+    ) -> tuple[jax.Array, None]:
         return super().__call__(x, cos, sin, bias), None
 
 
@@ -331,7 +334,8 @@ class Llama(nn.Module):
             raise ValueError("Llama(remat=True) checkpoints the scanned layers: also set scan_layers=True")
         if self.scan_layers:
             step = nn.remat(_ScannedDecoderLayer) if self.remat else _ScannedDecoderLayer
-            self.layers = nn.scan(
+            # the scanned layer stack, or the layers one by one (a list flax stores as a tuple)
+            self.layers: _ScannedDecoderLayer | Sequence[LlamaDecoderLayer] = nn.scan(
                 step,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
@@ -360,13 +364,13 @@ class Llama(nn.Module):
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         cfg = self.config
         length = E.shape[1]
-        cos, sin = rope_tables(length, cfg.head_dim, cfg.rope_theta, E.dtype)
+        cos, sin = rope_tables(length, cast(int, cfg.head_dim), cfg.rope_theta, E.dtype)
         bias = causal_bias(length, attention_mask, E.dtype)
         h = E
         if self.scan_layers:
-            h, _ = self.layers(h, cos, sin, bias)
+            h, _ = cast(_ScannedDecoderLayer, self.layers)(h, cos, sin, bias)
         else:
-            for layer in self.layers:
+            for layer in cast(Sequence[LlamaDecoderLayer], self.layers):
                 h = layer(h, cos, sin, bias)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

@@ -49,7 +49,7 @@ import importlib.util
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -165,7 +165,7 @@ def _field_value(field: Any) -> Any:
     import gguf
 
     types = list(field.types)
-    values = []
+    values: list[Any] = []
     for index in field.data:
         part = field.parts[index]
         kind = types[-1]
@@ -264,7 +264,8 @@ def _hf_name(name: str) -> str | None:
 
 def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     c = config
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    head_dim = cast(int, c.head_dim)  # an int once the config is made (LlamaConfig.__post_init__)
+    q, kv = c.num_heads * head_dim, c.num_kv_heads * head_dim
     shapes = {
         "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
         "model.norm.weight": (c.hidden_size,),
@@ -490,7 +491,9 @@ class Tokenizer:
         return "".join(out)
 
 
-def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bool, tok: Tokenizer) -> str:
+def _render_jinja(
+    template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, tok: Tokenizer
+) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:

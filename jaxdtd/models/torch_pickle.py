@@ -46,7 +46,7 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Mapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -97,7 +97,7 @@ class _Storage:
     dtype: np.dtype
     numel: int
     data: bytes | None = None
-    byteorder: str = "<"
+    byteorder: Literal["<", ">"] = "<"
     root: _Storage | None = None  # legacy views: ``numel`` elements of ``root`` from ``offset``
     offset: int = 0
 
@@ -270,7 +270,7 @@ def _load_zip(file: BinaryIO) -> Any:
         if len(pickles) != 1:
             raise ValueError(f"zip checkpoint must hold exactly one '<name>/data.pkl', found {pickles}")
         prefix = pickles[0][: -len("data.pkl")]
-        byteorder = "<"
+        byteorder: Literal["<", ">"] = "<"
         if f"{prefix}byteorder" in names:
             mark = archive.read(f"{prefix}byteorder")
             if mark not in (b"little", b"big"):
