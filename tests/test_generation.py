@@ -90,7 +90,7 @@ def test_each_row_is_the_explanation_of_the_truncated_sequence(scanned):
         scale = np.abs(expected).max()
         np.testing.assert_allclose(ex.relevance[k, :p], expected, rtol=0, atol=2e-6 * scale)
         np.testing.assert_array_equal(ex.relevance[k, p:], 0.0)  # causality: nothing from the future
-        np.testing.assert_allclose(ex.logits[k], float(y[0, ids[p]]), rtol=1e-6)
+        np.testing.assert_allclose(ex.logits[k], float(y[0, ids[p]]), rtol=1e-5)
     # prompt share: the part on the prompt; the first generated token sees only the prompt
     assert ex.prompt_share[0] == pytest.approx(1.0)
     np.testing.assert_allclose(ex.prompt_share, ex.matrix.sum(1) / ex.relevance.sum(1))
