@@ -205,11 +205,12 @@ def explain_dataset(
     stream = stream or sys.stderr
     chunks: list[np.ndarray] = []
     offset = 0
-    partial, progress_path = (None, None) if out is None else (out + ".partial", out + ".progress.json")
+    # the files of an interrupted run (read and written only with out)
+    partial, progress_path = ("", "") if out is None else (out + ".partial", out + ".progress.json")
     state = None
-    if out is not None:  # then partial and progress_path are paths (str), not None
-        state = _load_progress(cast(str, progress_path)) if resume else None
-        if state is not None and not os.path.exists(cast(str, partial)):
+    if out is not None:
+        state = _load_progress(progress_path) if resume else None
+        if state is not None and not os.path.exists(partial):
             state = None
         if (
             state is not None
@@ -222,15 +223,13 @@ def explain_dataset(
                 "or pass resume=False"
             )
         if state is None:
-            for stale in cast(tuple[str, str], (partial, progress_path)):
+            for stale in (partial, progress_path):
                 if os.path.exists(stale):
                     os.remove(stale)
     done_batches: list[int] = list(state["batches"]) if state else []
     writer: _PartialNpy | None = None
-    if state is not None:  # (only with out, so partial is a path)
-        writer = _PartialNpy(
-            cast(str, partial), tuple(state["row_shape"]), state["dtype"], rows=int(state["done"])
-        )
+    if state is not None:
+        writer = _PartialNpy(partial, tuple(state["row_shape"]), state["dtype"], rows=int(state["done"]))
     total = num_samples
     sizes: list[int] = []
     bar = None
@@ -270,7 +269,7 @@ def explain_dataset(
             relevance = np.asarray(relevance)
             if out is not None:
                 if writer is None:
-                    writer = _PartialNpy(cast(str, partial), relevance.shape[1:], relevance.dtype)
+                    writer = _PartialNpy(partial, relevance.shape[1:], relevance.dtype)
                 elif relevance.shape[1:] != writer.row_shape or relevance.dtype != writer.dtype:
                     raise ValueError(
                         f"explain_dataset: batch {k} gives relevance of shape {relevance.shape[1:]} and "
@@ -280,7 +279,7 @@ def explain_dataset(
                 writer.append(relevance)
                 sizes.append(n)
                 _save_progress(
-                    cast(str, progress_path),
+                    progress_path,
                     {
                         "format": _PROGRESS_FORMAT,
                         "done": writer.rows,
@@ -312,7 +311,7 @@ def explain_dataset(
             bar.close()
         if writer is not None:
             writer.close()
-    os.replace(cast(str, partial), out)
+    os.replace(partial, out)
     _fsync_dir(out)
-    os.remove(cast(str, progress_path))
+    os.remove(progress_path)
     return np.lib.format.open_memmap(out, mode="r+")
